@@ -1,0 +1,738 @@
+"""The durable buffer: SQLite between intake and the cloud.
+
+The transactional interface (STYLE point 7):
+
+- `store(outcomes)`: one durable transaction for a group of uplinks (readings, dead letters,
+  unmapped uplinks, device logs); returns only after fsync, so the caller may then ack upstream.
+- `take(live=...)`: form the next batch from stored uplinks, oldest first, in one
+  transaction that moves their series into an encoded message (a `batches` row).
+- `confirm(seq)`: IoT Core acknowledged the batch; delete it.
+- `pending()`: the formed batches not yet confirmed (to publish or re-publish, same bytes).
+- `depth()`: the backlog, for batching decisions and `status`.
+- `enforce_bounds()`: `max_size` / `max_age`, dropping the oldest and recording a gap.
+
+An uplink is one row holding its series already encoded as JSON (`wire.encode_series`), so
+intake is one INSERT per uplink and forming a batch is a string join.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway import wire
+from gateway.errors import BufferFullError
+from gateway.model import (
+    Batch,
+    DeadLetter,
+    DecodedUplink,
+    DeviceKey,
+    DeviceLog,
+    ForeignTenant,
+    Outcome,
+    Unmapped,
+    Uplink,
+)
+
+SCHEMA_VERSION = 1
+DEAD_LETTERS_KEPT = 10_000
+UNMAPPED_KEPT = 10_000
+SEEN_KEPT_MS = 2 * 86_400_000  # redeliveries come within a session restart; two days is ample
+SEEN_KEPT_ROWS = 1_000_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uplinks (
+    id          INTEGER PRIMARY KEY,     -- intake order: batches take oldest first
+    source      TEXT NOT NULL,
+    sensor_id   TEXT NOT NULL,
+    received_ms INTEGER NOT NULL,
+    readings    INTEGER NOT NULL,
+    series      TEXT NOT NULL            -- wire.encode_series: ready to join into a message
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq         INTEGER PRIMARY KEY,     -- batch_id = <gateway_id>-<seq>, kept on retry
+    created_ms  INTEGER NOT NULL,
+    oldest_ms   INTEGER NOT NULL,        -- receive time of its oldest uplink (for max_age)
+    readings    INTEGER NOT NULL,
+    gzip        INTEGER NOT NULL,
+    payload     BLOB NOT NULL            -- exactly the bytes published
+);
+CREATE TABLE IF NOT EXISTS seen (        -- idempotent intake: sources stored recently
+    source      TEXT PRIMARY KEY,
+    received_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_by_time ON seen(received_ms);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    device      TEXT,
+    sensor_id   TEXT,
+    source      TEXT NOT NULL,
+    topic       TEXT,
+    f_port      INTEGER,
+    reason      TEXT NOT NULL,
+    payload     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unmapped (    -- uplinks of devices in no map, for replay
+    id          INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    device      TEXT NOT NULL,
+    uplink      TEXT NOT NULL            -- JSON of the Uplink, payload in hex
+);
+CREATE TABLE IF NOT EXISTS devices (     -- per-device counters for status
+    device        TEXT PRIMARY KEY,
+    sensor_id     TEXT,
+    last_seen_ms  INTEGER,
+    uplinks       INTEGER NOT NULL DEFAULT 0,
+    readings      INTEGER NOT NULL DEFAULT 0,
+    dead_letters  INTEGER NOT NULL DEFAULT 0,
+    log_events    INTEGER NOT NULL DEFAULT 0,
+    last_log      TEXT,
+    foreign_tenant INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (       -- small facts: totals, next batch seq, pending gap
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
+    """Open the buffer file with the pragmas the gateway relies on."""
+    if readonly:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
+    else:
+        db = sqlite3.connect(str(path), timeout=5.0, isolation_level=None, check_same_thread=False)
+    # Writers and `status` readers must not block each other, and appends should be sequential
+    # writes on flash: write-ahead log.
+    if not readonly:
+        db.execute("PRAGMA journal_mode=WAL")
+    # FULL: every commit fsyncs the WAL, so an uplink we acknowledged upstream survives power
+    # loss (NORMAL would survive only a process crash). Group commits keep this to one fsync
+    # per intake group, not per uplink.
+    db.execute("PRAGMA synchronous=FULL")
+    # Status runs while the daemon writes; wait for a lock instead of failing at once.
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+@dataclass
+class Depth:
+    """How much is waiting: uplinks not yet batched plus batches not yet confirmed."""
+
+    readings: int = 0
+    bytes: int = 0
+    uplinks: int = 0
+    batches: int = 0
+    batch_readings: int = 0
+    batch_bytes: int = 0
+    oldest_ms: int | None = None
+
+    @property
+    def total_readings(self) -> int:
+        """Every reading not yet confirmed by the cloud."""
+        return self.readings + self.batch_readings
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of readings on disk (series text and batch payloads), not SQLite overhead."""
+        return self.bytes + self.batch_bytes
+
+
+@dataclass
+class StoreResult:
+    """What one `store` call did."""
+
+    stored: int = 0
+    readings: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    unmapped: int = 0
+    foreign: int = 0
+    logs: int = 0
+
+
+@dataclass
+class Gap:
+    """Readings dropped to keep the buffer within its bounds, reported in the next batch."""
+
+    readings: int = 0
+    uplinks: int = 0
+    from_ms: int | None = None
+    to_ms: int | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, readings: int, uplinks: int, from_ms: int, to_ms: int, reason: str) -> None:
+        self.readings += readings
+        self.uplinks += uplinks
+        self.from_ms = from_ms if self.from_ms is None else min(self.from_ms, from_ms)
+        self.to_ms = to_ms if self.to_ms is None else max(self.to_ms, to_ms)
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+def _uplink_json(uplink: Uplink) -> str:
+    return json.dumps(
+        {
+            "source": uplink.source,
+            "device": [uplink.device.kind, uplink.device.id],
+            "payload": uplink.payload.hex(),
+            "time_ms": uplink.time_ms,
+            "received_ms": uplink.received_ms,
+            "f_port": uplink.f_port,
+            "meta": dict(uplink.meta),
+            "object": uplink.object,
+            "network_tenant": uplink.network_tenant,
+        }
+    )
+
+
+def _uplink_from_json(text: str) -> Uplink:
+    d = json.loads(text)
+    return Uplink(
+        source=d["source"],
+        device=DeviceKey(d["device"][0], d["device"][1]),
+        payload=bytes.fromhex(d["payload"]),
+        time_ms=d["time_ms"],
+        received_ms=d["received_ms"],
+        f_port=d["f_port"],
+        meta=d["meta"],
+        object=d["object"],
+        network_tenant=d["network_tenant"],
+    )
+
+
+class Buffer:
+    """The SQLite store-and-forward buffer of one gateway. One writer; thread-safe."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        gateway_id: str,
+        tenant_id: str,
+        site_id: str,
+        max_bytes: int = 120 * 1024,
+        gzip: bool = True,
+        max_size: int = 1024**3,
+        max_age_s: float = 7 * 86400.0,
+        when_full: str = "drop-oldest",
+    ) -> None:
+        self.path = Path(path)
+        self._ids = (gateway_id, tenant_id, site_id)
+        self.max_bytes = max_bytes
+        self.gzip = gzip
+        self.max_size = max_size
+        self.max_age_ms = int(max_age_s * 1000)
+        self.when_full = when_full
+        self._lock = threading.RLock()
+        self._totals: dict[str, int] = {}
+        self._live = Depth()
+        self._gap = Gap()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = connect(self.path)
+        self._db.executescript(_SCHEMA)
+        self._init_state()
+        # Uplinks with id >= live_from are live; older ones are backlog (see `mark_live`).
+        self.live_from = self._next_uplink_id()
+        self._live = Depth()
+        self._ratio = 0.2 if gzip else 1.0  # compressed / raw size, learnt from each batch
+
+    # ---- state -------------------------------------------------------------------------
+
+    def _init_state(self) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT OR IGNORE INTO state VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+            )
+            row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
+            if row is None:
+                totals = self._recount()
+                self._db.execute("INSERT INTO state VALUES ('totals', ?)", (json.dumps(totals),))
+        row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
+        self._totals = json.loads(row[0])
+        self._gap = Gap(**json.loads(self._get_state("gap") or "{}"))
+
+    def _recount(self) -> dict[str, int]:
+        u = self._db.execute(
+            "SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(series)),0) FROM uplinks"
+        ).fetchone()
+        b = self._db.execute(
+            "SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(payload)),0) FROM batches"
+        ).fetchone()
+        return {"uplinks": u[0], "readings": u[1], "bytes": u[2], "batches": b[0], "batch_readings": b[1], "batch_bytes": b[2]}
+
+    def _get_state(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_state(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (key, value))
+
+    def _save_totals(self) -> None:
+        self._set_state("totals", json.dumps(self._totals))
+
+    def _next_uplink_id(self) -> int:
+        row = self._db.execute("SELECT coalesce(max(id), 0) FROM uplinks").fetchone()
+        return int(row[0]) + 1
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._db.execute(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
+            (name, n, n),
+        )
+
+    # ---- intake ------------------------------------------------------------------------
+
+    def over_limit(self) -> bool:
+        """True when `stop-intake` must hold intake: the buffer is at `max_size`."""
+        return self.when_full == "stop-intake" and self.depth().total_bytes >= self.max_size
+
+    def store(self, outcomes: Iterable[Outcome | DeviceLog]) -> StoreResult:
+        """Commit a group of intake outcomes durably, in one transaction.
+
+        Raises `BufferFullError` under `stop-intake` when the buffer is full, and when SQLite
+        reports the disk full; nothing of the group is then stored, so nothing may be acked.
+        """
+        if self.over_limit():
+            raise BufferFullError(f"buffer holds {self.depth().total_bytes} bytes, max_size {self.max_size}")
+        result = StoreResult()
+        devices: dict[str, dict[str, Any]] = {}
+
+        def dev(key: DeviceKey, sensor_id: str | None, at: int) -> dict[str, Any]:
+            d = devices.setdefault(
+                str(key), {"sensor_id": sensor_id, "last": at, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0}
+            )
+            d["last"] = max(d["last"], at)
+            d["sensor_id"] = sensor_id or d["sensor_id"]
+            return d
+
+        try:
+            with self._tx():
+                db = self._db
+                for o in outcomes:
+                    if isinstance(o, DecodedUplink):
+                        cur = db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (o.source, o.received_ms))
+                        if cur.rowcount == 0:
+                            result.duplicates += 1
+                            continue
+                        d = dev(o.device, o.sensor_id, o.received_ms)
+                        d["up"] += 1
+                        d["rd"] += len(o.readings)
+                        if not o.readings:
+                            continue
+                        series = wire.encode_series(o)
+                        cur = db.execute(
+                            "INSERT INTO uplinks (source, sensor_id, received_ms, readings, series) VALUES (?,?,?,?,?)",
+                            (o.source, o.sensor_id, o.received_ms, len(o.readings), series),
+                        )
+                        size = len(series)
+                        self._totals["uplinks"] += 1
+                        self._totals["readings"] += len(o.readings)
+                        self._totals["bytes"] += size
+                        if cur.lastrowid is not None and cur.lastrowid >= self.live_from:
+                            self._live.uplinks += 1
+                            self._live.readings += len(o.readings)
+                            self._live.bytes += size
+                            if self._live.oldest_ms is None:
+                                self._live.oldest_ms = o.received_ms
+                        result.stored += 1
+                        result.readings += len(o.readings)
+                    elif isinstance(o, DeadLetter):
+                        cur = db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (o.source, o.received_ms))
+                        if cur.rowcount == 0:
+                            result.duplicates += 1
+                            continue
+                        db.execute(
+                            "INSERT INTO dead_letters (received_ms, device, sensor_id, source, topic, f_port, reason, payload)"
+                            " VALUES (?,?,?,?,?,?,?,?)",
+                            (o.received_ms, str(o.device) if o.device else None, o.sensor_id, o.source, o.topic,
+                             o.f_port, o.reason, o.payload),
+                        )
+                        result.dead_letters += 1
+                        self._count("dead_letters")
+                        if o.device is not None:
+                            dev(o.device, o.sensor_id, o.received_ms)["dl"] += 1
+                    elif isinstance(o, Unmapped):
+                        db.execute(
+                            "INSERT INTO unmapped (received_ms, device, uplink) VALUES (?,?,?)",
+                            (o.uplink.received_ms, str(o.uplink.device), _uplink_json(o.uplink)),
+                        )
+                        result.unmapped += 1
+                        self._count("unmapped_uplinks")
+                        dev(o.uplink.device, None, o.uplink.received_ms)["up"] += 1
+                    elif isinstance(o, ForeignTenant):
+                        result.foreign += 1
+                        self._count("foreign_tenant_uplinks")
+                        dev(o.uplink.device, o.sensor_id, o.uplink.received_ms)["ft"] += 1
+                    elif isinstance(o, DeviceLog):
+                        result.logs += 1
+                        d = dev(o.device, None, o.received_ms)
+                        d["log"] += 1
+                        d["lastlog"] = f"{o.level} {o.code}: {o.description}"[:300]
+                for key, d in devices.items():
+                    db.execute(
+                        "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
+                        " log_events, last_log, foreign_tenant) VALUES (?,?,?,?,?,?,?,?,?)"
+                        " ON CONFLICT(device) DO UPDATE SET sensor_id=coalesce(excluded.sensor_id, sensor_id),"
+                        " last_seen_ms=max(coalesce(last_seen_ms,0), excluded.last_seen_ms),"
+                        " uplinks=uplinks+excluded.uplinks, readings=readings+excluded.readings,"
+                        " dead_letters=dead_letters+excluded.dead_letters, log_events=log_events+excluded.log_events,"
+                        " last_log=coalesce(excluded.last_log, last_log),"
+                        " foreign_tenant=foreign_tenant+excluded.foreign_tenant",
+                        (key, d["sensor_id"], d["last"], d["up"], d["rd"], d["dl"], d["log"], d["lastlog"], d["ft"]),
+                    )
+                if result.duplicates:
+                    self._count("duplicate_uplinks", result.duplicates)
+                self._save_totals()
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc).lower():
+                raise BufferFullError(f"disk full: {exc}") from exc
+            raise
+        return result
+
+    # ---- batching ----------------------------------------------------------------------
+
+    def mark_live(self) -> None:
+        """Call when the cloud (re)connects: what is stored now is backlog, what comes is live."""
+        with self._lock:
+            self.live_from = self._next_uplink_id()
+            self._live = Depth()
+
+    def depth(self, live: bool | None = None) -> Depth:
+        """The backlog: everything (None), only live uplinks (True), only older ones (False)."""
+        with self._lock:
+            t = self._totals
+            total = Depth(
+                readings=t["readings"], bytes=t["bytes"], uplinks=t["uplinks"],
+                batches=t["batches"], batch_readings=t["batch_readings"], batch_bytes=t["batch_bytes"],
+            )
+            if live is True:
+                return Depth(self._live.readings, self._live.bytes, self._live.uplinks, oldest_ms=self._live.oldest_ms)
+            if live is False:
+                return Depth(
+                    total.readings - self._live.readings,
+                    total.bytes - self._live.bytes,
+                    total.uplinks - self._live.uplinks,
+                )
+            return total
+
+    def oldest_ms(self) -> int | None:
+        """Receive time of the oldest reading not yet confirmed."""
+        with self._lock:
+            u = self._db.execute("SELECT received_ms FROM uplinks ORDER BY id LIMIT 1").fetchone()
+            b = self._db.execute("SELECT min(oldest_ms) FROM batches").fetchone()
+            times = [x for x in (u[0] if u else None, b[0] if b else None) if x is not None]
+            return min(times) if times else None
+
+    def live_due(self, max_delay_ms: int, at_ms: int | None = None) -> bool:
+        """True when live readings should go now: one has waited max_delay or they fill a message."""
+        with self._lock:
+            live = self._live
+            if live.uplinks == 0:
+                return False
+            at = now_ms() if at_ms is None else at_ms
+            if live.oldest_ms is not None and at - live.oldest_ms >= max_delay_ms:
+                return True
+            return live.bytes * self._ratio >= self.max_bytes * 0.9
+
+    def take(self, live: bool) -> Batch | None:
+        """Form the next batch from live uplinks or from the backlog, oldest first.
+
+        In one transaction: the uplinks' series are joined into a message (with a pending gap,
+        if any, in its `meta`), the message is stored as a `batches` row, and the uplinks are
+        deleted. Returns None when there is nothing to take.
+        """
+        with self._lock:
+            where = "id >= ?" if live else "id < ?"
+            budget_raw = int(self.max_bytes * 0.9 / self._ratio)
+            rows = self._db.execute(
+                f"SELECT id, received_ms, readings, series FROM uplinks WHERE {where} ORDER BY id LIMIT 5000",
+                (self.live_from,),
+            )
+            chosen: list[tuple[int, int, int, str]] = []
+            raw = 0
+            for row in rows:
+                size = len(row[3]) + 1
+                if chosen and raw + size > budget_raw:
+                    break
+                chosen.append(row)
+                raw += size
+            if not chosen:
+                return None
+            with self._tx():
+                return self._form(chosen, live)
+
+    def _form(self, chosen: list[tuple[int, int, int, str]], live: bool) -> Batch:
+        gateway_id, tenant_id, site_id = self._ids
+        seq = int(self._get_state("next_seq") or "1")
+        created = now_ms()
+        gap = self._gap if self._gap.readings else None
+        while True:
+            header = wire.Header(
+                batch_id=f"{gateway_id}-{seq:012d}",
+                gateway_id=gateway_id,
+                tenant_id=tenant_id,
+                site_id=site_id,
+                created_at=created,
+                meta={"gap": _gap_meta(gap)} if gap else None,
+            )
+            body = wire.assemble(header, [c[3] for c in chosen])
+            payload = wire.compress(body) if self.gzip else body
+            if len(payload) <= self.max_bytes or len(chosen) == 1:
+                break
+            chosen = chosen[: max(1, len(chosen) * 3 // 4)]
+        if self.gzip:
+            # Learn the compression ratio, leaning towards caution.
+            self._ratio = max(0.02, min(1.0, 0.7 * self._ratio + 0.3 * (len(payload) / len(body)) * 1.1))
+        readings = sum(c[2] for c in chosen)
+        oldest = min(c[1] for c in chosen)
+        self._db.execute(
+            "INSERT INTO batches VALUES (?,?,?,?,?,?)",
+            (seq, created, oldest, readings, int(self.gzip), payload),
+        )
+        ids = [c[0] for c in chosen]
+        self._db.executemany("DELETE FROM uplinks WHERE id = ?", ((i,) for i in ids))
+        self._set_state("next_seq", str(seq + 1))
+        raw_bytes = sum(len(c[3]) for c in chosen)
+        t = self._totals
+        t["uplinks"] -= len(chosen)
+        t["readings"] -= readings
+        t["bytes"] -= raw_bytes
+        t["batches"] += 1
+        t["batch_readings"] += readings
+        t["batch_bytes"] += len(payload)
+        if live:
+            self._live.uplinks -= len(chosen)
+            self._live.readings -= readings
+            self._live.bytes -= raw_bytes
+            nxt = self._db.execute("SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)).fetchone()
+            self._live.oldest_ms = nxt[0] if nxt else None
+        if gap:
+            self._gap = Gap()
+            self._set_state("gap", "{}")
+        self._save_totals()
+        return Batch(seq=seq, batch_id=header.batch_id, payload=payload, readings=readings, gzip=self.gzip, created_ms=created)
+
+    def pending(self, exclude: Iterable[int] = ()) -> list[Batch]:
+        """Formed batches not yet confirmed, oldest first (after a restart: all of them)."""
+        skip = set(exclude)
+        gateway_id = self._ids[0]
+        with self._lock:
+            rows = self._db.execute("SELECT seq, created_ms, readings, gzip, payload FROM batches ORDER BY seq").fetchall()
+        return [
+            Batch(seq=r[0], batch_id=f"{gateway_id}-{r[0]:012d}", payload=bytes(r[4]), readings=r[2], gzip=bool(r[3]), created_ms=r[1])
+            for r in rows
+            if r[0] not in skip
+        ]
+
+    def confirm(self, seq: int, at_ms: int | None = None) -> None:
+        """IoT Core acknowledged batch `seq`: delete it; record the time of the last publish."""
+        with self._lock, self._tx():
+            row = self._db.execute("SELECT readings, length(payload) FROM batches WHERE seq=?", (seq,)).fetchone()
+            if row is None:
+                return
+            self._db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            self._totals["batches"] -= 1
+            self._totals["batch_readings"] -= row[0]
+            self._totals["batch_bytes"] -= row[1]
+            self._save_totals()
+            self._set_state("last_publish_ms", str(at_ms or now_ms()))
+            self._count("published_batches")
+            self._count("published_readings", row[0])
+
+    def heartbeat(self, pid: int | None = None) -> None:
+        """Record that the daemon is alive (shown by `status`)."""
+        with self._lock, self._tx():
+            self._set_state("heartbeat_ms", str(now_ms()))
+            self._set_state("pid", str(pid if pid is not None else os.getpid()))
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to a persistent counter (publish failures by reason code, ...)."""
+        with self._lock, self._tx():
+            self._count(name, n)
+
+    # ---- bounds ------------------------------------------------------------------------
+
+    def enforce_bounds(self, in_flight: Sequence[int] = (), at_ms: int | None = None) -> Gap | None:
+        """Drop what is past `max_age`, and under `drop-oldest` the oldest beyond `max_size`.
+
+        Batches in flight are never dropped (their fate is IoT Core's). Returns what was
+        dropped, or None; the drop is recorded as a gap for the next batch's `meta`.
+        """
+        at = now_ms() if at_ms is None else at_ms
+        dropped = Gap()
+        with self._lock, self._tx():
+            cutoff = at - self.max_age_ms
+            self._drop_uplinks("received_ms < ?", (cutoff,), dropped, "max_age")
+            self._drop_batches("oldest_ms < ?", (cutoff,), in_flight, dropped, "max_age")
+            if self.when_full == "drop-oldest":
+                while self.depth().total_bytes > self.max_size:
+                    excess = self.depth().total_bytes - self.max_size
+                    if not self._drop_oldest(excess, in_flight, dropped):
+                        break
+            self._prune()
+            if dropped.readings:
+                self._gap.add(dropped.readings, dropped.uplinks, dropped.from_ms or 0, dropped.to_ms or 0, ", ".join(dropped.reasons))
+                self._set_state("gap", json.dumps(self._gap.__dict__))
+                self._count("dropped_readings", dropped.readings)
+            self._save_totals()
+        return dropped if dropped.readings else None
+
+    def _drop_oldest(self, excess: int, in_flight: Sequence[int], dropped: Gap) -> bool:
+        b = self._db.execute(
+            f"SELECT seq, oldest_ms FROM batches WHERE seq NOT IN ({','.join('?' * len(in_flight))}) ORDER BY seq LIMIT 1",
+            tuple(in_flight),
+        ).fetchone()
+        u = self._db.execute("SELECT id, received_ms FROM uplinks ORDER BY id LIMIT 1").fetchone()
+        if b is None and u is None:
+            return False
+        if u is None or (b is not None and b[1] <= u[1]):
+            assert b is not None
+            self._drop_batches("seq = ?", (b[0],), in_flight, dropped, "max_size")
+            return True
+        # Drop uplinks up to about `excess` bytes in one statement.
+        rows = self._db.execute("SELECT id, length(series) FROM uplinks ORDER BY id LIMIT 10000").fetchall()
+        acc, last = 0, rows[0][0]
+        for rid, size in rows:
+            acc += size
+            last = rid
+            if acc >= excess:
+                break
+        self._drop_uplinks("id <= ?", (last,), dropped, "max_size")
+        return True
+
+    def _drop_uplinks(self, where: str, args: tuple[Any, ...], dropped: Gap, reason: str) -> None:
+        row = self._db.execute(
+            f"SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(series)),0), min(received_ms), max(received_ms),"
+            f" coalesce(sum(CASE WHEN id >= ? THEN readings ELSE 0 END),0),"
+            f" coalesce(sum(CASE WHEN id >= ? THEN length(series) ELSE 0 END),0),"
+            f" coalesce(sum(CASE WHEN id >= ? THEN 1 ELSE 0 END),0) FROM uplinks WHERE {where}",
+            (self.live_from, self.live_from, self.live_from, *args),
+        ).fetchone()
+        if not row[0]:
+            return
+        self._db.execute(f"DELETE FROM uplinks WHERE {where}", args)
+        self._totals["uplinks"] -= row[0]
+        self._totals["readings"] -= row[1]
+        self._totals["bytes"] -= row[2]
+        self._live.readings -= row[5]
+        self._live.bytes -= row[6]
+        self._live.uplinks -= row[7]
+        if row[7]:
+            nxt = self._db.execute("SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)).fetchone()
+            self._live.oldest_ms = nxt[0] if nxt else None
+        dropped.add(row[1], row[0], row[3], row[4], reason)
+
+    def _drop_batches(self, where: str, args: tuple[Any, ...], in_flight: Sequence[int], dropped: Gap, reason: str) -> None:
+        flight = f" AND seq NOT IN ({','.join('?' * len(in_flight))})" if in_flight else ""
+        rows = self._db.execute(
+            f"SELECT seq, readings, length(payload), oldest_ms, created_ms FROM batches WHERE {where}{flight}",
+            (*args, *in_flight),
+        ).fetchall()
+        for seq, readings, size, oldest, created in rows:
+            self._db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            self._totals["batches"] -= 1
+            self._totals["batch_readings"] -= readings
+            self._totals["batch_bytes"] -= size
+            dropped.add(readings, 0, oldest, created, reason)
+
+    def _prune(self) -> None:
+        """Keep the bookkeeping tables bounded."""
+        db = self._db
+        db.execute("DELETE FROM seen WHERE received_ms < ?", (now_ms() - SEEN_KEPT_MS,))
+        db.execute(
+            "DELETE FROM seen WHERE source IN (SELECT source FROM seen ORDER BY received_ms DESC LIMIT -1 OFFSET ?)",
+            (SEEN_KEPT_ROWS,),
+        )
+        db.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (DEAD_LETTERS_KEPT,))
+        db.execute("DELETE FROM unmapped WHERE id <= (SELECT max(id) FROM unmapped) - ?", (UNMAPPED_KEPT,))
+
+    # ---- unmapped uplinks --------------------------------------------------------------
+
+    def unmapped(self) -> list[tuple[int, Uplink]]:
+        """Uplinks kept because no map named their device, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, uplink FROM unmapped ORDER BY id").fetchall()
+        return [(r[0], _uplink_from_json(r[1])) for r in rows]
+
+    def forget_unmapped(self, ids: Sequence[int]) -> None:
+        """Remove replayed uplinks from the unmapped store."""
+        with self._lock, self._tx():
+            self._db.executemany("DELETE FROM unmapped WHERE id = ?", ((i,) for i in ids))
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._db.close()
+
+
+def _gap_meta(gap: Gap) -> dict[str, Any]:
+    return {
+        "readings": gap.readings,
+        "uplinks": gap.uplinks,
+        "from": gap.from_ms,
+        "to": gap.to_ms,
+        "reason": ", ".join(gap.reasons),
+    }
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT under the buffer's lock; on any exception ROLLBACK, and the
+    buffer's in-memory totals go back to what they were, so they always match the file.
+
+    Re-entrant: an inner use inside an outer transaction joins it.
+    """
+
+    def __init__(self, buffer: Buffer) -> None:
+        self._buffer = buffer
+        self._outer = False
+        self._saved: tuple[dict[str, int], Depth, Gap] | None = None
+
+    def __enter__(self) -> None:
+        b = self._buffer
+        b._lock.acquire()
+        self._outer = not b._db.in_transaction
+        if self._outer:
+            self._saved = (dict(b._totals), copy.copy(b._live), copy.deepcopy(b._gap))
+            try:
+                b._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                b._lock.release()
+                raise
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        b = self._buffer
+        try:
+            if self._outer:
+                if exc_type is None:
+                    b._db.execute("COMMIT")
+                else:
+                    b._db.execute("ROLLBACK")
+                    assert self._saved is not None
+                    b._totals, b._live, b._gap = self._saved
+        finally:
+            b._lock.release()

@@ -1,0 +1,132 @@
+"""The command line: run, check, status, schema, demo (SPEC section 3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/hub-gateway/gateway.yaml"
+EXIT_OK, EXIT_PROBLEMS, EXIT_CONFIG = 0, 1, 2
+
+
+def _config_path(value: str | None) -> Path:
+    return Path(value or os.environ.get("HUB_GATEWAY_CONFIG") or DEFAULT_CONFIG)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate gateway.yaml, every device map, the certificates and the buffer file."""
+    from gateway.config import load_config
+
+    path = _config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        n = len(exc.problems)
+        print(f"{n} problem{'s' if n != 1 else ''} found in {path} and the files it names")
+        return EXIT_PROBLEMS
+    print(
+        f"{path}: OK ({len(config.settings.sources)} sources, {len(config.devices)} devices, "
+        f"cloud {config.settings.cloud.kind})"
+    )
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of gateway.yaml and of device maps."""
+    from gateway.schemas import schemas
+
+    all_schemas = schemas()
+    chosen = all_schemas if args.which == "all" else all_schemas[args.which]
+    print(json.dumps(chosen, indent=2))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the backlog, last publish, dead letters and devices, from the buffer file."""
+    from gateway.config import load_config
+    from gateway.status import format_status, read_status
+
+    path = _config_path(args.config)
+    try:
+        config = load_config(path, check_certs=False)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    report = read_status(config.settings.buffer.path)
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    from gateway import log
+    from gateway.config import load_config
+    from gateway.service import Service
+
+    path = _config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"hub-gateway: not started: {len(exc.problems)} problem(s) in the configuration", file=sys.stderr)
+        return EXIT_CONFIG
+    log.configure(config.settings.log.level, config.settings.log.format)
+    service = Service(config)
+    service.install_signal_handlers()
+    service.run()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the full pipeline against the built-in simulated site."""
+    from gateway.demo import run_demo
+
+    return run_demo(minutes=args.minutes, out=Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hub-gateway",
+        description="Factory gateway daemon: LoRaWAN/OSM readings from the local broker to AWS IoT Core.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"gateway.yaml (default: $HUB_GATEWAY_CONFIG, then {DEFAULT_CONFIG})"
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.add_argument("-c", "--config", help=config_help)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate config, device maps and certificates")
+    p.add_argument("-c", "--config", help=config_help)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("status", help="backlog, last publish, dead letters, devices")
+    p.add_argument("-c", "--config", help=config_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of gateway.yaml and device maps")
+    p.add_argument("which", nargs="?", choices=["all", "gateway", "devices"], default="all")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("demo", help="run the pipeline against a built-in simulated site")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (default: Ctrl-C)")
+    p.add_argument("--out", default="./demo-out", help="where batches and the buffer go (default ./demo-out)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hub-gateway` command."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

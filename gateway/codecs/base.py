@@ -1,0 +1,47 @@
+"""The codec contract: `decode(payload, ctx) -> list[Reading]`, pure, raising `DecodeError`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from gateway.errors import DecodeError
+from gateway.model import Reading
+
+__all__ = ["Codec", "CodecOptions", "DecodeContext", "DecodeError", "NoOptions"]
+
+
+class CodecOptions(BaseModel):
+    """Base of every codec's `options` model: frozen, and a typo is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(CodecOptions):
+    """For codecs that take no options."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeContext:
+    """What a codec may know besides the payload bytes."""
+
+    uplink_time_ms: int
+    received_ms: int
+    f_port: int | None = None
+    #: ChirpStack's decoded `object`, for the `chirpstack-object` codec.
+    object: Mapping[str, Any] | None = None
+    options: CodecOptions = NoOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """A registered codec: its name in device maps, its options model, its decode function."""
+
+    name: str
+    options: type[CodecOptions]
+    decode: Callable[[bytes, DecodeContext], list[Reading]]
+    #: Units by the metric name the codec produces, applied when it gives none.
+    default_units: Mapping[str, str] | None = None

@@ -1,0 +1,324 @@
+"""Loading gateway.yaml and its device maps into typed objects, or every problem at once.
+
+`check`, `run` and SIGHUP reloads share `load_config` / `load_device_maps`; each problem is
+reported as FILE:LINE:COL: message, and the first problem never hides the others.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from gateway.config.devices import DeviceEntryBase, DeviceMap, DeviceMapFile, MappedDevice
+from gateway.config.settings import IotCoreCloud, Settings
+from gateway.config.yamlfile import YamlDocument, load_yaml
+from gateway.errors import ConfigError, Problem
+from gateway.model import DeviceKey
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DeviceMap",
+    "Problem",
+    "Settings",
+    "check_files",
+    "load_config",
+    "load_device_maps",
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated gateway.yaml and the device maps it names."""
+
+    path: Path
+    settings: Settings
+    devices: DeviceMap
+
+
+def _problems_from(
+    exc: ValidationError, doc: YamlDocument, name: str, root_model: type[BaseModel]
+) -> list[Problem]:
+    """Translate pydantic errors into positioned, field-engineer-readable problems."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = [part for part in err["loc"] if not _is_variant_tag(part)]
+        path = ".".join(str(p) for p in loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1]) if loc else "?"
+            line, col = doc.locate_key(loc)
+            parent = ".".join(str(p) for p in loc[:-1])
+            message = f"unknown key {key!r}" + (f" in {parent}" if parent else "")
+            known = _known_keys(root_model, err["loc"][:-1])
+            close = difflib.get_close_matches(key, known, n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+            elif known:
+                message += f" (expected one of: {', '.join(known)})"
+        elif kind == "missing":
+            line, col = doc.locate(loc[:-1])
+            message = f"{path}: required key is missing"
+        elif kind == "union_tag_invalid":
+            line, col = doc.locate([*loc, err["ctx"]["discriminator"].strip("'")])
+            tag, expected = err["ctx"]["tag"], err["ctx"]["expected_tags"]
+            field = err["ctx"]["discriminator"].strip("'")
+            message = f"{path}.{field}: unknown {field} {tag!r} (known: {expected})"
+        elif kind == "union_tag_not_found":
+            line, col = doc.locate(loc)
+            field = err["ctx"]["discriminator"].strip("'")
+            message = f"{path}: required key {field!r} is missing"
+        else:
+            line, col = doc.locate(loc)
+            text = err["msg"].removeprefix("Value error, ")
+            message = f"{path}: {text}" if path else text
+        problems.append(Problem(name, line, col, message))
+    return problems
+
+
+_VARIANT_TAGS: set[str] = set()
+
+
+def _is_variant_tag(part: Any) -> bool:
+    """Discriminated unions put the chosen tag in error locations; the YAML has no such key."""
+    if not _VARIANT_TAGS:
+        from gateway.codecs import CODECS
+
+        _VARIANT_TAGS.update(CODECS, {"chirpstack", "osm-mqtt", "iot-core", "directory"})
+    return isinstance(part, str) and part in _VARIANT_TAGS
+
+
+def _nested_models(annotation: Any) -> tuple[list[type[BaseModel]], bool]:
+    """The models inside an annotation (through Optional, list, dict, unions, Annotated);
+    the flag says they are dict values, so the next location element is a free key."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation], False
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is dict and len(args) == 2:
+        return _nested_models(args[1])[0], True
+    models: list[type[BaseModel]] = []
+    for arg in args:
+        models += _nested_models(arg)[0]
+    return models, False
+
+
+def _known_keys(root: type[BaseModel], raw_loc: Sequence[Any]) -> list[str]:
+    """The keys allowed where an unknown key was found, following the models along `raw_loc`."""
+    models: list[type[BaseModel]] = [root]
+    free_key = False
+    for part in raw_loc:
+        if isinstance(part, int):
+            continue
+        if free_key:
+            free_key = False
+            continue
+        if _is_variant_tag(part):
+            models = [m for m in models if _variant_tag(m) == part]
+            continue
+        found: list[type[BaseModel]] = []
+        for model in models:
+            field = model.model_fields.get(part)
+            if field is not None:
+                nested, free_key = _nested_models(field.annotation)
+                found += nested
+        models = found
+    return sorted({key for model in models for key in model.model_fields})
+
+
+def _variant_tag(model: type[BaseModel]) -> str | None:
+    for name in ("kind", "codec"):
+        field = model.model_fields.get(name)
+        if field is not None and get_origin(field.annotation) is Literal:
+            return str(get_args(field.annotation)[0])
+    return None
+
+
+def _load_settings(path: Path) -> tuple[Settings | None, list[Problem]]:
+    name = str(path)
+    try:
+        doc = load_yaml(path, name)
+    except ConfigError as exc:
+        return None, exc.problems
+    if not isinstance(doc.root, dict):
+        return None, [Problem(name, 1, 1, "expected a mapping with gateway, sources, cloud, ...")]
+    try:
+        settings = Settings.model_validate(doc.root, context={"base_dir": path.parent})
+    except ValidationError as exc:
+        return None, _problems_from(exc, doc, name, Settings)
+    return settings, []
+
+
+def _map_files(patterns: Sequence[str], base: Path) -> tuple[list[Path], list[str]]:
+    """Expand the device-map globs; also return the patterns that match no file."""
+    files: list[Path] = []
+    unmatched = []
+    for pattern in patterns:
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        matched = sorted(Path(p) for p in glob.glob(full, recursive=True))
+        if not matched:
+            unmatched.append(pattern)
+        files.extend(p for p in matched if p not in files)
+    return files, unmatched
+
+
+def load_device_maps(files: Sequence[Path]) -> DeviceMap:
+    """Load and validate device-map files; raise `ConfigError` with every problem found.
+
+    A `dev_eui`, `osm_id` or `sensor_id` defined twice, in one file or across files, is a
+    problem at the second place that names the first.
+    """
+    problems: list[Problem] = []
+    by_key: dict[DeviceKey, MappedDevice] = {}
+    by_sensor: dict[str, MappedDevice] = {}
+    for path in files:
+        name = str(path)
+        try:
+            doc = load_yaml(path, name)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        if not isinstance(doc.root, dict):
+            problems.append(Problem(name, 1, 1, "expected a mapping with a 'devices' list"))
+            continue
+        try:
+            parsed = DeviceMapFile.model_validate(doc.root)
+        except ValidationError as exc:
+            problems += _problems_from(exc, doc, name, DeviceMapFile)
+            continue
+        for i, entry in enumerate(parsed.devices):
+            if entry.chirpstack_tenant_id is None and parsed.chirpstack_tenant_id is not None:
+                entry = entry.model_copy(update={"chirpstack_tenant_id": parsed.chirpstack_tenant_id})
+            line, col = doc.locate(["devices", i])
+            mapped = MappedDevice(entry, name, line, col)
+            key = entry.key
+            if key in by_key:
+                at_line, at_col = doc.locate(["devices", i, key.kind])
+                problems.append(
+                    Problem(name, at_line, at_col, f"{key.kind} {key.id} is already defined at {by_key[key].where}")
+                )
+                continue
+            if entry.sensor_id in by_sensor:
+                at_line, at_col = doc.locate(["devices", i, "sensor_id"])
+                first = by_sensor[entry.sensor_id].where
+                problems.append(
+                    Problem(name, at_line, at_col, f"sensor_id {entry.sensor_id!r} is already used at {first}")
+                )
+                continue
+            by_key[key] = mapped
+            by_sensor[entry.sensor_id] = mapped
+    if problems:
+        raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line, p.col)))
+    return DeviceMap(by_key)
+
+
+def check_files(settings: Settings, path: Path) -> list[Problem]:
+    """Problems with the files gateway.yaml names: certificates and keys (exist, PEM, mode)."""
+    problems: list[Problem] = []
+    try:
+        doc = load_yaml(path)
+    except ConfigError as exc:
+        return exc.problems
+    cloud = settings.cloud
+    if isinstance(cloud, IotCoreCloud):
+        for field, kind in (("ca", "CERTIFICATE"), ("cert", "CERTIFICATE"), ("key", "PRIVATE KEY")):
+            problems += _check_pem(getattr(cloud, field), kind, doc, ["cloud", field], secret=field == "key")
+    for i, source in enumerate(settings.sources):
+        tls = source.broker.tls
+        if tls is not None:
+            for field, kind in (("ca", "CERTIFICATE"), ("cert", "CERTIFICATE"), ("key", "PRIVATE KEY")):
+                value = getattr(tls, field)
+                if value is not None:
+                    loc = ["sources", i, "broker", "tls", field]
+                    problems += _check_pem(value, kind, doc, loc, secret=field == "key")
+        if source.broker.password_file is not None:
+            loc = ["sources", i, "broker", "password_file"]
+            problems += _check_secret_file(source.broker.password_file, doc, loc)
+    return problems
+
+
+def _check_secret_file(file: Path, doc: YamlDocument, loc: list[Any]) -> list[Problem]:
+    line, col = doc.locate(loc)
+    name = str(doc.path)
+    try:
+        mode = file.stat().st_mode
+    except OSError as exc:
+        return [Problem(name, line, col, f"{'.'.join(map(str, loc))}: {file}: {exc.strerror}")]
+    if mode & 0o077:
+        return [
+            Problem(
+                name,
+                line,
+                col,
+                f"{'.'.join(map(str, loc))}: {file} is readable by group or others "
+                f"(mode {mode & 0o777:04o}); run: chmod 600 {file}",
+            )
+        ]
+    return []
+
+
+def _check_pem(file: Path, kind: str, doc: YamlDocument, loc: list[Any], secret: bool) -> list[Problem]:
+    line, col = doc.locate(loc)
+    name = str(doc.path)
+    where = ".".join(map(str, loc))
+    try:
+        head = file.read_bytes()[:1 << 16]
+    except OSError as exc:
+        return [Problem(name, line, col, f"{where}: cannot read {file}: {exc.strerror}")]
+    if b"-----BEGIN " not in head or kind.encode() not in head:
+        return [Problem(name, line, col, f"{where}: {file} is not a PEM {kind.lower()}")]
+    if secret:
+        return _check_secret_file(file, doc, loc)
+    return []
+
+
+def load_config(path: Path | str, check_certs: bool = True) -> Config:
+    """Load gateway.yaml and every device map; raise `ConfigError` listing all problems.
+
+    The device maps are checked even when gateway.yaml has problems (with the globs it names,
+    if those are readable), so one run of `check` shows everything.
+    """
+    path = Path(path)
+    settings, problems = _load_settings(path)
+    patterns = settings.devices if settings is not None else _raw_device_globs(path)
+    files, unmatched = _map_files(patterns, path.parent)
+    if unmatched:
+        line, col = load_yaml(path).locate(["devices"])
+        problems += [Problem(str(path), line, col, f"devices: {p!r} matches no file") for p in unmatched]
+    if check_certs and settings is not None:
+        problems += check_files(settings, path)
+    try:
+        devices = load_device_maps(files)
+    except ConfigError as exc:
+        problems += exc.problems
+        devices = DeviceMap({})
+    if problems or settings is None:
+        raise ConfigError(sorted(problems, key=lambda p: (p.file != str(path), p.file, p.line, p.col)))
+    return Config(path=path, settings=settings, devices=devices)
+
+
+def _raw_device_globs(path: Path) -> list[str]:
+    """The `devices` globs of a gateway.yaml that failed validation, when they are usable."""
+    default: list[str] = list(Settings.model_fields["devices"].get_default(call_default_factory=True))
+    try:
+        root = load_yaml(path).root
+    except ConfigError:
+        return []
+    if not isinstance(root, dict):
+        return []
+    globs = root.get("devices", default)
+    if isinstance(globs, list) and all(isinstance(g, str) for g in globs):
+        return list(globs)
+    return []
+
+
+def device_map_files(config: Config) -> list[Path]:
+    """The device-map files gateway.yaml names, as they are on disk now (for reloads)."""
+    return _map_files(config.settings.devices, config.path.parent)[0]

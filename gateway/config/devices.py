@@ -1,0 +1,165 @@
+"""Device-map models: which device is which sensor, decoded by which codec, named how.
+
+Each codec owns its options model; a device entry is a discriminated union on `codec`, built
+from the codec registry, so `options` are validated against the codec the entry names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AfterValidator, Field, WithJsonSchema, create_model, model_validator
+
+from gateway.codecs import CODECS
+from gateway.config.types import Strict
+from gateway.model import DeviceKey
+
+_DEV_EUI = re.compile(r"^[0-9A-Fa-f]{16}$")
+_OSM_ID = re.compile(r"^[0-9A-Fa-f]{8}$")
+_SENSOR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_METRIC = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> Any:
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(what)
+        return value
+
+    return AfterValidator(check)
+
+
+DevEui = Annotated[
+    str,
+    _matching(_DEV_EUI, "dev_eui must be 16 hex digits, e.g. 70b3d57ed0001234"),
+    AfterValidator(str.lower),
+    WithJsonSchema({"type": "string", "pattern": _DEV_EUI.pattern}),
+]
+OsmId = Annotated[
+    str,
+    _matching(_OSM_ID, "osm_id must be the 8 hex digits of the unit's HWID, e.g. 0A1B2C3D"),
+    AfterValidator(str.upper),
+    WithJsonSchema({"type": "string", "pattern": _OSM_ID.pattern}),
+]
+SensorId = Annotated[
+    str,
+    _matching(_SENSOR_ID, "sensor_id must be 1-128 letters, digits, '.', '_', ':' or '-'"),
+    WithJsonSchema({"type": "string", "pattern": _SENSOR_ID.pattern}),
+]
+MetricName = Annotated[
+    str,
+    _matching(_METRIC, "metric names are 1-128 letters, digits, '_', '.', ':' or '-'"),
+    WithJsonSchema({"type": "string", "pattern": _METRIC.pattern}),
+]
+
+
+class MetricOverride(Strict):
+    """How one decoded metric is renamed, scaled and labelled for the cloud."""
+
+    name: MetricName | None = Field(default=None, description="Name the cloud sees instead of the codec's.")
+    scale: float | None = Field(default=None, description="Multiply the value by this.")
+    offset: float | None = Field(default=None, description="Then add this.")
+    unit: str | None = Field(default=None, max_length=32, description="Unit the cloud sees.")
+
+
+class DeviceEntryBase(Strict):
+    """Fields every device entry has, whatever its codec."""
+
+    dev_eui: DevEui | None = Field(default=None, description="LoRaWAN DevEUI: 16 hex digits, any case.")
+    osm_id: OsmId | None = Field(default=None, description="OSM Wi-Fi/PoE unit: the 8-hex HWID in its topic.")
+    sensor_id: SensorId = Field(description="What the cloud sees; unique within the tenant.")
+    tags: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Copied into every series' meta."
+    )
+    metrics: dict[str, MetricOverride] = Field(
+        default_factory=dict, description="Per decoded metric: rename, scale, offset, unit."
+    )
+    chirpstack_tenant_id: str | None = Field(
+        default=None,
+        description="ChirpStack tenant (UUID) the device must belong to; uplinks from another "
+        "tenant are dropped and counted. Defaults to the file's chirpstack_tenant_id.",
+    )
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> DeviceEntryBase:
+        if (self.dev_eui is None) == (self.osm_id is None):
+            raise ValueError("give exactly one of dev_eui (LoRaWAN) or osm_id (OSM Wi-Fi/PoE)")
+        return self
+
+    @property
+    def key(self) -> DeviceKey:
+        """The identity uplinks of this device carry."""
+        if self.dev_eui is not None:
+            return DeviceKey("dev_eui", self.dev_eui)
+        assert self.osm_id is not None
+        return DeviceKey("osm_id", self.osm_id)
+
+    if False:  # pragma: no cover - for type checkers: every variant has these
+        codec: str
+        options: Any
+
+
+def _entry_model(name: str) -> type[DeviceEntryBase]:
+    """The device-entry model of one codec: `codec` is its name, `options` its options model."""
+    codec = CODECS[name]
+    model: type[DeviceEntryBase] = create_model(  # type: ignore[call-overload]
+        "Device_" + re.sub(r"\W", "_", name),
+        __base__=DeviceEntryBase,
+        __doc__=f"A device decoded by the {name} codec.",
+        codec=(Literal[name], Field(description="The codec that decodes this device's payloads.")),
+        options=(codec.options, Field(default_factory=codec.options, description=f"Options of {name}.")),
+    )
+    return model
+
+
+# A discriminated union on `codec`, one variant per registered codec.
+DeviceEntry = Annotated[
+    Union[tuple(_entry_model(name) for name in CODECS)],  # type: ignore[valid-type]  # noqa: UP007
+    Field(discriminator="codec"),
+]
+
+
+class DeviceMapFile(Strict):
+    """One device-map file."""
+
+    chirpstack_tenant_id: str | None = Field(
+        default=None, description="ChirpStack tenant (UUID) every LoRaWAN device in this file must belong to."
+    )
+    devices: list[DeviceEntry] = Field(default_factory=list, description="The devices.")  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True)
+class MappedDevice:
+    """A device entry with where it was defined."""
+
+    entry: DeviceEntryBase
+    file: str
+    line: int
+    col: int
+
+    @property
+    def where(self) -> str:
+        """FILE:LINE:COL of the entry."""
+        return f"{self.file}:{self.line}:{self.col}"
+
+    @property
+    def network_tenant(self) -> str | None:
+        """The ChirpStack tenant this device must belong to, if the map says."""
+        return self.entry.chirpstack_tenant_id
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    """All devices of all map files, looked up by the identity an uplink carries."""
+
+    by_key: Mapping[DeviceKey, MappedDevice]
+
+    def get(self, key: DeviceKey) -> MappedDevice | None:
+        """The device for this identity, or None when no map names it."""
+        return self.by_key.get(key)
+
+    def __len__(self) -> int:
+        return len(self.by_key)

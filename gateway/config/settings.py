@@ -1,0 +1,219 @@
+"""The models of gateway.yaml: identity, sources, cloud, buffer, batching, devices, logging."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.config.types import Duration, GatewayId, RelPath, Size, Strict, TenantId
+
+# IoT Core refuses messages over 128 KiB, counting topic and properties; this much is kept back
+# for them (topic <= 256 bytes, content type, user properties, expiry).
+MAX_MESSAGE_BYTES = 128 * 1024
+HEADROOM_BYTES = 2 * 1024
+_TOPIC_FIELDS = ("tenant_id", "site_id", "gateway_id")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class Identity(Strict):
+    """Who this gateway is: the names that go into topics and every message."""
+
+    id: GatewayId = Field(description="IoT thing name and cloud MQTT client id.")
+    tenant_id: TenantId = Field(description="The tenant (customer) this site belongs to.")
+    site_id: TenantId = Field(description="The factory site within the tenant.")
+
+
+class BrokerTls(Strict):
+    """TLS to the local broker (rare: it is usually on loopback)."""
+
+    ca: RelPath = Field(description="CA certificate that signed the broker's certificate.")
+    cert: RelPath | None = Field(default=None, description="Client certificate, if the broker wants one.")
+    key: RelPath | None = Field(default=None, description="Private key of the client certificate.")
+
+
+class Broker(Strict):
+    """Where the local MQTT broker is."""
+
+    host: str = Field(default="127.0.0.1", description="Host name or address of the broker.")
+    port: int = Field(default=1883, ge=1, le=65535, description="TCP port of the broker.")
+    username: str | None = Field(default=None, description="User name, if the broker wants one.")
+    password_file: RelPath | None = Field(
+        default=None, description="File holding the password (the password never goes in YAML)."
+    )
+    tls: BrokerTls | None = Field(default=None, description="TLS settings; plain TCP when absent.")
+    keepalive: Duration = Field(default=30.0, description="MQTT keep-alive interval.")
+
+
+class _LocalSource(Strict):
+    broker: Broker = Field(default_factory=Broker, description="The local broker to subscribe to.")
+    client_id: str | None = Field(
+        default=None,
+        description="Fixed MQTT client id of the persistent session; default "
+        "hub-gateway-<gateway.id>-<n> with n the source's position (1-based).",
+    )
+    session_expiry: Duration = Field(
+        default=7 * 86400.0,
+        description="How long the broker keeps our session and queued QoS 1 messages while the "
+        "daemon is away.",
+    )
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id_is_plain(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+            raise ValueError("client_id must be 1-64 letters, digits, '.', '_' or '-'")
+        return value
+
+
+class ChirpStackSource(_LocalSource):
+    """LoRaWAN uplinks as ChirpStack v4's MQTT integration publishes them."""
+
+    kind: Literal["chirpstack"] = Field(description="ChirpStack v4 MQTT integration events.")
+    topic: str = Field(
+        default="application/+/device/+/event/+",
+        description="Subscription of ChirpStack's event topics.",
+    )
+    encoding: Literal["json", "protobuf"] = Field(
+        default="json", description="Must match ChirpStack's [integration.mqtt] json setting."
+    )
+
+
+class OsmMqttSource(_LocalSource):
+    """OSM Wi-Fi/PoE units publishing JSON on osm/<HWID>/measurements."""
+
+    kind: Literal["osm-mqtt"] = Field(description="OSM units publishing JSON directly.")
+    topic: str = Field(default="osm/+/measurements", description="Subscription of OSM topics.")
+
+
+Source = Annotated[ChirpStackSource | OsmMqttSource, Field(discriminator="kind")]
+
+
+class _Cloud(Strict):
+    topic: str = Field(
+        default="dt/hub/{tenant_id}/{site_id}/{gateway_id}/readings",
+        description="Topic of every message; {tenant_id}, {site_id}, {gateway_id} are filled in. "
+        "May be a Basic Ingest topic $aws/rules/<rule>/...",
+    )
+    message_expiry: Duration = Field(
+        default=7 * 86400.0, description="MQTT message expiry of each batch (IoT Core keeps at most 7d)."
+    )
+    max_in_flight: int = Field(
+        default=8,
+        ge=2,
+        le=100,
+        description="Batches published and not yet acknowledged at once; one slot is kept for "
+        "live readings while a backlog drains.",
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_is_safe(cls, value: str) -> str:
+        for name in _PLACEHOLDER.findall(value):
+            if name not in _TOPIC_FIELDS:
+                raise ValueError(f"unknown placeholder {{{name}}} (use {{tenant_id}}, {{site_id}}, {{gateway_id}})")
+        literal = _PLACEHOLDER.sub("x", value)
+        if "+" in literal or "#" in literal:
+            raise ValueError("a topic to publish to cannot contain the wildcards + or #")
+        if literal.startswith("$") and not literal.startswith("$aws/rules/"):
+            raise ValueError("topics starting with $ are reserved; only $aws/rules/<rule>/... is allowed")
+        if not literal or literal.startswith("/") or literal.endswith("/") or "//" in literal:
+            raise ValueError("topic levels must not be empty")
+        if len(value.encode()) > 200:
+            raise ValueError("topic is too long (IoT Core allows 256 bytes with at most 7 slashes)")
+        return value
+
+    def topic_for(self, identity: Identity) -> str:
+        """The topic with its placeholders filled from validated ids."""
+        return self.topic.format(
+            tenant_id=identity.tenant_id, site_id=identity.site_id, gateway_id=identity.id
+        )
+
+
+class IotCoreCloud(_Cloud):
+    """AWS IoT Core over MQTT 5 with X.509 mutual TLS."""
+
+    kind: Literal["iot-core"] = Field(description="Publish to AWS IoT Core.")
+    endpoint: str = Field(description="The account's ATS data endpoint, xxxx-ats.iot.<region>.amazonaws.com.")
+    port: int = Field(default=8883, ge=1, le=65535, description="MQTT over TLS port.")
+    ca: RelPath = Field(description="Amazon Root CA (AmazonRootCA1.pem) or the stand-in's CA.")
+    cert: RelPath = Field(description="The thing's certificate (PEM).")
+    key: RelPath = Field(description="The thing's private key (PEM); must not be readable by group or others.")
+
+
+class DirectoryCloud(_Cloud):
+    """Write each message as a file: for the demo, tests and air-gapped sites."""
+
+    kind: Literal["directory"] = Field(description="Write messages into a directory.")
+    directory: RelPath = Field(description="Where <batch_id>.json[.gz] files go.")
+
+
+Cloud = Annotated[IotCoreCloud | DirectoryCloud, Field(discriminator="kind")]
+
+
+class BufferSettings(Strict):
+    """The SQLite store-and-forward buffer."""
+
+    path: RelPath = Field(default=Path("/var/lib/hub-gateway/buffer.db"), description="SQLite file.")
+    max_size: Size = Field(default=1024**3, description="Readings on disk, not counting SQLite overhead.")
+    max_age: Duration = Field(default=7 * 86400.0, description="Readings older than this are dropped.")
+    when_full: Literal["drop-oldest", "stop-intake"] = Field(
+        default="drop-oldest",
+        description="drop-oldest: delete the oldest readings and report a gap; stop-intake: stop "
+        "acknowledging upstream so the local broker holds the data.",
+    )
+
+
+class BatchSettings(Strict):
+    """How readings are grouped into messages."""
+
+    max_delay: Duration = Field(default=5.0, description="A reading waits at most this long before it is sent.")
+    max_bytes: Size = Field(
+        default=120 * 1024,
+        description="Encoded message size limit; at most 128 KiB minus topic and properties.",
+    )
+    compression: Literal["gzip", "none"] = Field(default="gzip", description="Compress each message.")
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _fits_iot_core(cls, value: int) -> int:
+        limit = MAX_MESSAGE_BYTES - HEADROOM_BYTES
+        if value > limit:
+            raise ValueError(f"max_bytes {value} exceeds {limit} (IoT Core's 128 KiB less topic and properties)")
+        if value < 4096:
+            raise ValueError("max_bytes must be at least 4KiB")
+        return value
+
+
+class LogSettings(Strict):
+    """Logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Least severe level logged.")
+    format: Literal["json", "console"] = Field(default="json", description="json for journald/shipping, console for people.")
+
+
+class Settings(Strict):
+    """gateway.yaml: everything but the device maps, which it names."""
+
+    gateway: Identity = Field(description="This gateway's identity.")
+    sources: list[Source] = Field(min_length=1, description="Local brokers and topics to take data from.")
+    cloud: Cloud = Field(description="Where batches go.")
+    buffer: BufferSettings = Field(default_factory=BufferSettings, description="The durable buffer.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching.")
+    devices: list[str] = Field(
+        default=["devices/*.yaml"], description="Device-map files: globs relative to this file."
+    )
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+
+    @model_validator(mode="after")
+    def _distinct_client_ids(self) -> Settings:
+        ids = [s.client_id for s in self.sources if s.client_id]
+        if len(ids) != len(set(ids)):
+            raise ValueError("two sources use the same client_id; each needs its own session")
+        return self
+
+    def source_client_id(self, index: int) -> str:
+        """The fixed client id of the source at `index` (0-based)."""
+        return self.sources[index].client_id or f"hub-gateway-{self.gateway.id}-{index + 1}"

@@ -1,0 +1,106 @@
+"""Field types shared by gateway.yaml and device maps: ids, durations, sizes, relative paths."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainSerializer,
+    ValidationInfo,
+    WithJsonSchema,
+)
+
+
+class Strict(BaseModel):
+    """Base of every config model: frozen, and an unknown key is an error, never a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `5s`, `10m`, `2h`, `7d` (or a number of seconds) -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 5s, 10m, 2h or 7d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration: write 500ms, 5s, 10m, 2h or 7d")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """`512KiB`, `120KiB`, `1GiB` (or a number of bytes) -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 120KiB, 64MiB or 1GiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a size: write e.g. 120KiB, 64MiB or 1GiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError("a size must be greater than zero")
+    return size
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        return (Path(base) / value).resolve()
+    return value
+
+
+def _id_rule(max_len: int, what: str) -> Any:
+    pattern = re.compile(rf"^[a-z0-9][a-z0-9-]{{0,{max_len - 1}}}$")
+
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(
+                f"{what} {value!r} must be 1-{max_len} lower-case letters, digits or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    return check
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(lambda s: f"{s:g}s", return_type=str),
+    WithJsonSchema({"type": ["string", "number"], "pattern": _DURATION.pattern}),
+]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"type": ["string", "integer"], "pattern": _SIZE.pattern}),
+]
+RelPath = Annotated[Path, AfterValidator(_resolve_path)]
+GatewayId = Annotated[
+    str,
+    AfterValidator(_id_rule(63, "gateway id")),
+    WithJsonSchema({"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}),
+]
+TenantId = Annotated[
+    str,
+    AfterValidator(_id_rule(50, "id")),
+    WithJsonSchema({"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,49}$"}),
+]

@@ -1,0 +1,107 @@
+"""The devices stage: who sent this uplink, which codec decodes it, what the cloud calls it.
+
+`resolve` turns an `Uplink` into one outcome: a `DecodedUplink` ready for the buffer, a
+`DeadLetter` (the codec rejected the payload), `Unmapped` (no device map names the device)
+or `ForeignTenant` (the device belongs to another ChirpStack tenant than its map says).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gateway.codecs import CODECS, DecodeContext
+from gateway.config.devices import DeviceEntryBase, DeviceMap
+from gateway.errors import DecodeError
+from gateway.model import DeadLetter, DecodedUplink, ForeignTenant, Outcome, Reading, Unmapped, Uplink, Value
+
+
+def _scaled(value: Value, scale: float | None, offset: float | None) -> Value:
+    """value * scale + offset; integers stay exact integers when scale and offset are whole."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (scale is None and offset is None):
+        return value
+    s = 1.0 if scale is None else scale
+    o = 0.0 if offset is None else offset
+    if isinstance(value, int) and float(s).is_integer() and float(o).is_integer():
+        return value * int(s) + int(o)
+    # 12100 * 0.001 is 12.100000000000001 in binary; no sensor has that precision.
+    return float(f"{value * s + o:.12g}")
+
+
+def apply_overrides(readings: list[Reading], entry: DeviceEntryBase, default_units: Any) -> list[Reading]:
+    """Rename, scale, offset and label readings as the device map's `metrics` say."""
+    out = []
+    overrides = entry.metrics
+    for r in readings:
+        unit = r.unit
+        if unit is None and default_units is not None:
+            unit = default_units.get(r.metric.removesuffix("_min").removesuffix("_max"))
+        o = overrides.get(r.metric)
+        if o is None:
+            # An override of NAME also covers NAME_min and NAME_max.
+            base = r.metric.removesuffix("_min").removesuffix("_max")
+            base_o = overrides.get(base) if base != r.metric else None
+            if base_o is not None:
+                suffix = r.metric[len(base) :]
+                name = (base_o.name + suffix) if base_o.name else r.metric
+                value = _scaled(r.value, base_o.scale, base_o.offset)
+                out.append(Reading(name, value, base_o.unit or unit, r.t_ms))
+            else:
+                out.append(r if unit == r.unit else Reading(r.metric, r.value, unit, r.t_ms))
+            continue
+        value = _scaled(r.value, o.scale, o.offset)
+        out.append(Reading(o.name or r.metric, value, o.unit or unit, r.t_ms))
+    return out
+
+
+def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
+    """Map, check and decode one uplink. Never raises for a bad payload: that is a dead letter."""
+    mapped = devices.get(uplink.device)
+    if mapped is None:
+        return Unmapped(uplink)
+    entry = mapped.entry
+    expected = mapped.network_tenant
+    if expected is not None and uplink.network_tenant is not None and uplink.network_tenant != expected:
+        return ForeignTenant(uplink, entry.sensor_id, expected)
+    codec = CODECS[entry.codec]
+    ctx = DecodeContext(
+        uplink_time_ms=uplink.time_ms,
+        received_ms=uplink.received_ms,
+        f_port=uplink.f_port,
+        object=uplink.object,
+        options=entry.options,
+    )
+    try:
+        readings = codec.decode(uplink.payload, ctx)
+    except DecodeError as exc:
+        return DeadLetter(
+            device=uplink.device,
+            source=uplink.source,
+            f_port=uplink.f_port,
+            reason=f"{codec.name}: {exc}",
+            payload=uplink.payload,
+            received_ms=uplink.received_ms,
+            sensor_id=entry.sensor_id,
+        )
+    readings = apply_overrides(readings, entry, codec.default_units)
+    bad = next((r for r in readings if isinstance(r.value, float) and not math.isfinite(r.value)), None)
+    if bad is not None:
+        return DeadLetter(
+            device=uplink.device,
+            source=uplink.source,
+            f_port=uplink.f_port,
+            reason=f"{codec.name}: {bad.metric} is {bad.value} (not a finite number)",
+            payload=uplink.payload,
+            received_ms=uplink.received_ms,
+            sensor_id=entry.sensor_id,
+        )
+    meta: dict[str, Any] = dict(entry.tags)
+    meta.update(uplink.meta)  # what the network measured wins over a tag of the same name
+    return DecodedUplink(
+        source=uplink.source,
+        sensor_id=entry.sensor_id,
+        device=uplink.device,
+        received_ms=uplink.received_ms,
+        meta=meta,
+        readings=tuple(readings),
+    )

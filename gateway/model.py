@@ -1,0 +1,124 @@
+"""The small typed values that pass between stages: uplinks in, readings, batches out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: A decoded value as it goes on the wire: numbers, strings or booleans.
+Value = int | float | str | bool
+
+#: How a device is known to the gateway: by LoRaWAN DevEUI or by OSM hardware id.
+DeviceKind = Literal["dev_eui", "osm_id"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKey:
+    """The identity an uplink carries: a DevEUI (lower-case hex) or an OSM HWID (upper-case)."""
+
+    kind: DeviceKind
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """One message from a device, as a source received it, before any decoding.
+
+    `source` is the record's natural name (`chirpstack/<deduplicationId>`,
+    `osm/<HWID>/<UNIX>`): it makes intake idempotent and becomes the series' `source`.
+    """
+
+    source: str
+    device: DeviceKey
+    payload: bytes
+    time_ms: int
+    received_ms: int
+    f_port: int | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    #: ChirpStack's own decoded `object`, when its device profile has a codec.
+    object: Mapping[str, Any] | None = None
+    #: The ChirpStack tenant the device belongs to, when the source knows it.
+    network_tenant: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One decoded value of one metric at one time, as a codec produces it."""
+
+    metric: str
+    value: Value
+    unit: str | None
+    t_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedUplink:
+    """An uplink resolved to its device and decoded: what the buffer stores."""
+
+    source: str
+    sensor_id: str
+    device: DeviceKey
+    received_ms: int
+    meta: Mapping[str, Any]
+    readings: tuple[Reading, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A payload that could not be decoded, kept with the reason so it can be looked at."""
+
+    device: DeviceKey | None
+    source: str
+    f_port: int | None
+    reason: str
+    payload: bytes
+    received_ms: int
+    sensor_id: str | None = None
+    topic: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One encoded `hub.readings.v1` message, ready to publish; `seq` names it for retries."""
+
+    seq: int
+    batch_id: str
+    payload: bytes
+    readings: int
+    gzip: bool
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unmapped:
+    """An uplink from a device in no map: kept (bounded) for replay once the map is fixed."""
+
+    uplink: Uplink
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignTenant:
+    """An uplink whose ChirpStack tenant is not the one its device map expects: dropped."""
+
+    uplink: Uplink
+    sensor_id: str
+    expected: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLog:
+    """A ChirpStack `log` event (codec error, frame-counter reset, ...): counted per device."""
+
+    device: DeviceKey
+    code: str
+    level: str
+    description: str
+    received_ms: int
+
+
+#: What the devices stage makes of one uplink.
+Outcome = DecodedUplink | DeadLetter | Unmapped | ForeignTenant

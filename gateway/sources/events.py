@@ -1,0 +1,162 @@
+"""Parsing what arrives on the local broker into `Uplink`s: ChirpStack v4 events and OSM JSON.
+
+Pure functions of (topic, payload, receive time); the MQTT client lives in `sources.mqtt`.
+ChirpStack publishes `application/<app>/device/<devEui>/event/<type>` with the protobuf
+`integration.UplinkEvent` / `LogEvent` either as protobuf JSON mapping (`json=true`) or binary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from chirpstack_api.integration import integration_pb2
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+
+from gateway.errors import EventError
+from gateway.model import DeviceKey, DeviceLog, Uplink
+
+_OSM_TOPIC = re.compile(r"^osm/([0-9A-Fa-f]{8})/measurements$")
+_DEV_EUI = re.compile(r"^[0-9a-fA-F]{16}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """An event of a type the gateway has no use for (join, ack, txack, status, ...)."""
+
+    event_type: str
+
+
+Event = Uplink | DeviceLog | Ignored
+
+
+def event_type(topic: str) -> str:
+    """The ChirpStack event type, the last level of `.../event/<type>`."""
+    levels = topic.split("/")
+    if len(levels) >= 2 and levels[-2] == "event":
+        return levels[-1]
+    raise EventError(f"topic {topic!r} is not a ChirpStack event topic (.../event/<type>)")
+
+
+def _ms(timestamp: Any) -> int:
+    return int(timestamp.seconds) * 1000 + int(timestamp.nanos) // 1_000_000
+
+
+def _uplink_time_ms(event: Any, received_ms: int) -> int:
+    """Event `time`; else the first rxInfo `nsTime`, then `gwTime`; else the receive time."""
+    if event.HasField("time"):
+        return _ms(event.time)
+    for rx in event.rx_info[:1]:
+        if rx.HasField("ns_time"):
+            return _ms(rx.ns_time)
+        if rx.HasField("gw_time"):
+            return _ms(rx.gw_time)
+    return received_ms
+
+
+def _integral(value: Any) -> Any:
+    """Protobuf Struct numbers are doubles; give whole ones back as ints."""
+    if isinstance(value, float) and value.is_integer() and math.isfinite(value) and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def parse_chirpstack(
+    topic: str, payload: bytes, received_ms: int, encoding: Literal["json", "protobuf"]
+) -> Event:
+    """Parse one ChirpStack event; raise `EventError` when it is not a well-formed event."""
+    kind = event_type(topic)
+    if kind not in ("up", "log"):
+        return Ignored(kind)
+    raw_object: Mapping[str, Any] | None = None
+    message = integration_pb2.UplinkEvent() if kind == "up" else integration_pb2.LogEvent()
+    try:
+        if encoding == "json":
+            document = json.loads(payload)
+            if not isinstance(document, dict):
+                raise EventError(f"{kind} event is not a JSON object")
+            json_format.ParseDict(document, message, ignore_unknown_fields=True)
+            if isinstance(document.get("object"), dict):
+                raw_object = document["object"]  # keeps integers that the JSON had
+        else:
+            message.ParseFromString(payload)
+    except (ValueError, json_format.ParseError, ProtobufDecodeError, RecursionError) as exc:
+        raise EventError(f"{kind} event does not parse as {encoding}: {_short(exc)}") from None
+    dev_eui = message.device_info.dev_eui.lower()
+    if not _DEV_EUI.match(dev_eui):
+        raise EventError(f"{kind} event has no valid deviceInfo.devEui ({dev_eui!r})")
+    device = DeviceKey("dev_eui", dev_eui)
+    if isinstance(message, integration_pb2.LogEvent):
+        return DeviceLog(
+            device=device,
+            code=integration_pb2.LogCode.Name(message.code),
+            level=integration_pb2.LogLevel.Name(message.level),
+            description=message.description[:500],
+            received_ms=received_ms,
+        )
+    if not message.deduplication_id:
+        raise EventError("uplink event has no deduplicationId")
+    if raw_object is None and message.HasField("object"):
+        raw_object = _integral(json_format.MessageToDict(message.object))
+    meta: dict[str, Any] = {"dev_eui": dev_eui, "f_cnt": message.f_cnt, "f_port": message.f_port}
+    if message.rx_info:
+        best = max(message.rx_info, key=lambda rx: rx.rssi)
+        meta["rssi"] = best.rssi
+        meta["snr"] = round(best.snr, 2)
+    return Uplink(
+        source=f"chirpstack/{message.deduplication_id}",
+        device=device,
+        payload=bytes(message.data),
+        time_ms=_uplink_time_ms(message, received_ms),
+        received_ms=received_ms,
+        f_port=message.f_port,
+        meta=meta,
+        object=raw_object,
+        network_tenant=message.device_info.tenant_id or None,
+    )
+
+
+def parse_osm(topic: str, payload: bytes, received_ms: int) -> Uplink:
+    """Parse an OSM Wi-Fi/PoE message on `osm/<HWID>/measurements`.
+
+    Only the `UNIX` field is read here (it names the record, for idempotent intake); the
+    `osm-json` codec decodes the rest, so a malformed body still reaches the device's dead
+    letters rather than vanishing.
+    """
+    match = _OSM_TOPIC.match(topic)
+    if not match:
+        raise EventError(f"topic {topic!r} is not osm/<8 hex HWID>/measurements")
+    hwid = match.group(1).upper()
+    unix: Any = None
+    try:
+        document = json.loads(payload)
+        if isinstance(document, dict):
+            unix = document.get("UNIX")
+    except (ValueError, RecursionError):
+        pass
+    if isinstance(unix, int) and not isinstance(unix, bool) and unix >= 0:
+        source = f"osm/{hwid}/{unix}"
+    else:
+        source = f"osm/{hwid}/received-{received_ms}"
+    return Uplink(
+        source=source,
+        device=DeviceKey("osm_id", hwid),
+        payload=bytes(payload),
+        time_ms=received_ms,
+        received_ms=received_ms,
+        meta={"osm_id": hwid},
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,163 @@
+"""A subscription on the local broker: paho-mqtt 2.x, MQTT v5, QoS 1, persistent session,
+manual acknowledgement.
+
+Each message becomes a `Delivery` handed to the intake; the intake calls `Delivery.ack()` only
+after what the message carried is committed to the buffer. A message not acked before the
+connection drops is redelivered by the broker on the next connection of the same session, so
+an ack is sent only on the connection the message arrived on (a stale packet id could
+otherwise acknowledge a different message).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.config.settings import Broker
+from gateway.buffer import now_ms
+
+import structlog
+
+log = structlog.get_logger("gateway.sources")
+
+# How many unacknowledged QoS 1 messages the broker may push to us at once. While the buffer
+# refuses intake (stop-intake, disk full) this many wait in memory; the broker keeps the rest.
+RECEIVE_MAXIMUM = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message from the local broker, to be acknowledged once its content is stored."""
+
+    source_name: str
+    topic: str
+    payload: bytes
+    received_ms: int
+    ack: Callable[[], None]
+
+
+class ClientFactory(Protocol):
+    """Makes the paho client (injected so tests and the demo can supply their own)."""
+
+    def __call__(self, client_id: str) -> mqtt.Client: ...
+
+
+def paho_client(client_id: str) -> mqtt.Client:
+    """A paho MQTT v5 client with manual acks, the gateway's default."""
+    return mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=True,
+    )
+
+
+class MqttSource:
+    """One persistent QoS 1 subscription on the local broker."""
+
+    def __init__(
+        self,
+        name: str,
+        broker: Broker,
+        topic: str,
+        client_id: str,
+        session_expiry_s: float,
+        deliver: Callable[[Delivery], None],
+        client_factory: ClientFactory = paho_client,
+    ) -> None:
+        self.name = name
+        self.topic = topic
+        self.client_id = client_id
+        self._broker = broker
+        self._deliver = deliver
+        self._session_expiry = int(session_expiry_s)
+        self._generation = 0
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self._client = client_factory(client_id)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if broker.username is not None:
+            password = None
+            if broker.password_file is not None:
+                password = broker.password_file.read_text(encoding="utf-8").strip()
+            self._client.username_pw_set(broker.username, password)
+        if broker.tls is not None:
+            tls = broker.tls
+            self._client.tls_set(
+                ca_certs=str(tls.ca),
+                certfile=str(tls.cert) if tls.cert else None,
+                keyfile=str(tls.key) if tls.key else None,
+            )
+
+    def start(self) -> None:
+        """Connect in the background; paho reconnects by itself after any drop."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        self._client.connect_async(
+            self._broker.host,
+            self._broker.port,
+            keepalive=max(5, int(self._broker.keepalive)),
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect; unacknowledged messages stay with the broker for our session."""
+        with self._lock:
+            self._generation += 1  # acks still owed are now stale: the broker will redeliver
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("local broker refused connection", source=self.name, reason=str(reason))
+            return
+        with self._lock:
+            self._generation += 1
+        client.subscribe(self.topic, options=SubscribeOptions(qos=1))
+        self.connected.set()
+        log.info(
+            "connected to local broker",
+            source=self.name,
+            broker=f"{self._broker.host}:{self._broker.port}",
+            topic=self.topic,
+            session_present=bool(getattr(flags, "session_present", False)),
+        )
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        with self._lock:
+            self._generation += 1
+        if reason.is_failure:
+            log.warning("lost local broker, reconnecting", source=self.name, reason=str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        generation = self._generation
+        mid, qos = message.mid, message.qos
+
+        def ack() -> None:
+            with self._lock:
+                if generation != self._generation:
+                    return  # arrived on an earlier connection: the broker redelivers it
+                if qos > 0:
+                    client.ack(mid, qos)
+
+        self._deliver(Delivery(self.name, message.topic, bytes(message.payload), now_ms(), ack))
+
+
+__all__ = ["Delivery", "MqttSource", "paho_client"]

@@ -1,0 +1,132 @@
+"""`hub-gateway status`: what the buffer says, read-only, whether or not the daemon runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from gateway.buffer import connect, now_ms
+
+HEARTBEAT_STALE_MS = 60_000
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
+    """The status report as data (what `--json` prints)."""
+    if not path.exists():
+        return {"buffer": str(path), "exists": False}
+    db = Database(connect(path, readonly=True))
+    state = {row["key"]: row["value"] for row in db["state"].rows}
+    totals = json.loads(state.get("totals", "{}"))
+    counters = {row["name"]: row["value"] for row in db["counters"].rows}
+    oldest = db.execute(
+        "SELECT min(t) FROM (SELECT min(received_ms) AS t FROM uplinks UNION ALL SELECT min(oldest_ms) FROM batches)"
+    ).fetchone()[0]
+    now = now_ms()
+    heartbeat = int(state["heartbeat_ms"]) if "heartbeat_ms" in state else None
+    pid = int(state["pid"]) if "pid" in state else None
+    running = heartbeat is not None and now - heartbeat < HEARTBEAT_STALE_MS and pid is not None and _pid_alive(pid)
+    last_publish = int(state["last_publish_ms"]) if "last_publish_ms" in state else None
+    letters = [
+        {
+            "received_ms": r["received_ms"],
+            "device": r["device"],
+            "sensor_id": r["sensor_id"],
+            "f_port": r["f_port"],
+            "reason": r["reason"],
+            "payload_hex": bytes(r["payload"]).hex(),
+        }
+        for r in db.query(
+            "SELECT received_ms, device, sensor_id, f_port, reason, payload FROM dead_letters ORDER BY id DESC LIMIT ?",
+            [dead_letters],
+        )
+    ]
+    devices = list(
+        db.query(
+            "SELECT device, sensor_id, last_seen_ms, uplinks, readings, dead_letters, log_events, last_log,"
+            " foreign_tenant FROM devices ORDER BY device"
+        )
+    )
+    unmapped = db["unmapped"].count
+    db.conn.close()
+    return {
+        "buffer": str(path),
+        "exists": True,
+        "daemon": {"running": running, "pid": pid if running else None, "heartbeat_ms": heartbeat},
+        "backlog": {
+            "readings": totals.get("readings", 0) + totals.get("batch_readings", 0),
+            "bytes": totals.get("bytes", 0) + totals.get("batch_bytes", 0),
+            "batches_unconfirmed": totals.get("batches", 0),
+            "oldest_unsent_ms": oldest,
+            "oldest_unsent_age_s": None if oldest is None else round((now - oldest) / 1000, 1),
+        },
+        "last_publish_ms": last_publish,
+        "last_publish_age_s": None if last_publish is None else round((now - last_publish) / 1000, 1),
+        "dead_letters": {"total": counters.get("dead_letters", 0), "latest": letters},
+        "unmapped_uplinks": unmapped,
+        "counters": counters,
+        "gap_pending": json.loads(state.get("gap", "{}")),
+        "devices": devices,
+    }
+
+
+def _age(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "never"
+    seconds = (now - ms) / 1000
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The status report for people."""
+    if not report["exists"]:
+        return f"buffer {report['buffer']} does not exist yet (the daemon has not run)"
+    now = now_ms()
+    d = report["daemon"]
+    b = report["backlog"]
+    lines = [
+        f"daemon:        {'running, pid ' + str(d['pid']) if d['running'] else 'not running'}",
+        f"buffer:        {report['buffer']}",
+        f"backlog:       {b['readings']} readings, {b['bytes']} bytes, "
+        f"oldest unsent {_age(b['oldest_unsent_ms'], now) if b['oldest_unsent_ms'] else 'none'}",
+        f"last publish:  {_age(report['last_publish_ms'], now)}",
+        f"dead letters:  {report['dead_letters']['total']}",
+        f"unmapped:      {report['unmapped_uplinks']} uplinks from devices in no map (kept for replay)",
+    ]
+    for key, value in sorted(report["counters"].items()):
+        if key.startswith(("puback_refused", "publish_failed", "dropped", "foreign", "duplicate")):
+            lines.append(f"  {key}: {value}")
+    for letter in report["dead_letters"]["latest"]:
+        lines.append(f"  dead letter {_age(letter['received_ms'], now)} {letter['device']}: {letter['reason']}")
+    if report["devices"]:
+        lines.append("devices:")
+        for dev in report["devices"]:
+            extra = []
+            if dev["dead_letters"]:
+                extra.append(f"{dev['dead_letters']} dead letters")
+            if dev["log_events"]:
+                extra.append(f"{dev['log_events']} log events (last: {dev['last_log']})")
+            if dev["foreign_tenant"]:
+                extra.append(f"{dev['foreign_tenant']} from another tenant")
+            lines.append(
+                f"  {dev['device']:<28} {dev['sensor_id'] or '(unmapped)':<24} last seen {_age(dev['last_seen_ms'], now)}"
+                + (f"; {', '.join(extra)}" if extra else "")
+            )
+    return "\n".join(lines)
