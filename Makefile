@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit integration mosquitto venv clean
+.PHONY: demo test lint typecheck mosquitto venv clean schema
 
 venv: $(VENV)/.installed
 
@@ -38,3 +38,8 @@ test: venv mosquitto lint typecheck
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the shipped JSON Schemas from the config models (a test checks they match).
+schema: venv
+	$(BIN)/hub-gateway schema gateway > config/schema/gateway.schema.json
+	$(BIN)/hub-gateway schema devices > config/schema/devices.schema.json

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gateway.config.devices import DeviceEntryBase, DeviceMap, DeviceMapFile, MappedDevice
+from gateway.config.devices import DeviceEntry, DeviceEntryBase, DeviceMap, DeviceMapFile, MappedDevice
 from gateway.config.settings import IotCoreCloud, Settings
 from gateway.config.yamlfile import YamlDocument, load_yaml
 from gateway.errors import ConfigError, Problem
@@ -190,12 +190,16 @@ def load_device_maps(files: Sequence[Path]) -> DeviceMap:
             continue
         try:
             parsed = DeviceMapFile.model_validate(doc.root)
+            entries = list(enumerate(parsed.devices))
+            file_tenant = parsed.chirpstack_tenant_id
         except ValidationError as exc:
             problems += _problems_from(exc, doc, name, DeviceMapFile)
-            continue
-        for i, entry in enumerate(parsed.devices):
-            if entry.chirpstack_tenant_id is None and parsed.chirpstack_tenant_id is not None:
-                entry = entry.model_copy(update={"chirpstack_tenant_id": parsed.chirpstack_tenant_id})
+            # Keep checking the valid entries, so one bad entry hides no duplicate.
+            entries = _valid_entries(doc.root.get("devices"))
+            file_tenant = None
+        for i, entry in entries:
+            if entry.chirpstack_tenant_id is None and file_tenant is not None:
+                entry = entry.model_copy(update={"chirpstack_tenant_id": file_tenant})
             line, col = doc.locate(["devices", i])
             mapped = MappedDevice(entry, name, line, col)
             key = entry.key
@@ -217,6 +221,22 @@ def load_device_maps(files: Sequence[Path]) -> DeviceMap:
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line, p.col)))
     return DeviceMap(by_key)
+
+
+_ENTRY = TypeAdapter(DeviceEntry)
+
+
+def _valid_entries(raw: Any) -> list[tuple[int, DeviceEntryBase]]:
+    """The entries of a raw `devices` list that validate on their own, with their index."""
+    if not isinstance(raw, list):
+        return []
+    valid = []
+    for i, item in enumerate(raw):
+        try:
+            valid.append((i, _ENTRY.validate_python(item)))
+        except ValidationError:
+            pass
+    return valid
 
 
 def check_files(settings: Settings, path: Path) -> list[Problem]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -333,6 +334,7 @@ class Subscriber:
         manual_ack: bool = False,
         clean_start: bool = True,
         session_expiry_interval: int | None = None,
+        receive_maximum: int | None = None,
     ) -> None:
         if broker.tls is not None and client_cert is None:
             raise ValueError("a TLS broker needs client_cert")
@@ -342,14 +344,17 @@ class Subscriber:
         self.qos = qos
         self.clean_start = clean_start
         self.session_expiry_interval = session_expiry_interval
+        self.receive_maximum = receive_maximum
         self.session_present: bool | None = None
         self._condition = threading.Condition()
         self._messages: list[ReceivedMessage] = []
         self._subscribed = False
+        self._barriers = itertools.count(1)
+        self._acked_barriers: set[int] = set()
         self._connect_reason: ReasonCode | None = None
         self._disconnected = False
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=manual_ack,
@@ -368,9 +373,11 @@ class Subscriber:
 
     def start(self, timeout: float = 5.0) -> Subscriber:
         """Connect, subscribe, and return once the SUBACK has granted the QoS."""
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self.session_expiry_interval is not None:
             properties.SessionExpiryInterval = self.session_expiry_interval
+        if self.receive_maximum is not None:
+            properties.ReceiveMaximum = self.receive_maximum
         self._client.connect(
             self.broker.host, self.broker.port, keepalive=30,
             clean_start=self.clean_start, properties=properties,
@@ -422,6 +429,21 @@ class Subscriber:
         """Block until at least count messages have arrived; return them."""
         return self.wait_for(lambda messages: len(messages) >= count, timeout)
 
+    def sync(self, timeout: float = 5.0) -> list[ReceivedMessage]:
+        """Round-trip to the broker; return everything it had sent before that.
+
+        A SUBSCRIBE to a topic nobody uses is answered in order on the same connection, so
+        once its SUBACK is here, every PUBLISH the broker wrote earlier has been collected.
+        This is how a test shows that something did *not* arrive, without sleeping.
+        """
+        result, mid = self._client.subscribe(f"test-sync/{self.client_id}/{next(self._barriers)}")
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"sync subscribe failed: {mqtt.error_string(result)}")
+        with self._condition:
+            if not self._condition.wait_for(lambda: mid in self._acked_barriers, timeout):
+                raise TimeoutError(f"{self.client_id}: no SUBACK for sync within {timeout}s")
+            return list(self._messages)
+
     def ack(self, message: ReceivedMessage) -> None:
         """Send the PUBACK for a message received with manual_ack=True."""
         result = self._client.ack(message.mid, message.qos)
@@ -443,6 +465,7 @@ class Subscriber:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
         with self._condition:
+            self._acked_barriers.add(mid)
             if all(not r.is_failure for r in reasons):
                 self._subscribed = True
             else:
@@ -505,7 +528,7 @@ def publishing(
 
     Each send returns once the broker has acknowledged it (QoS 1) or it was written (QoS 0).
     """
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+    client = mqtt.Client(CallbackAPIVersion.VERSION2,
                          client_id=f"test-publisher-{os.getpid()}-{next(_client_numbers)}",
                          protocol=mqtt.MQTTv5)
     if broker.tls is not None:

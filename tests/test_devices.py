@@ -1,0 +1,57 @@
+"""The devices stage: mapping an uplink to its device, tenant check, decode, overrides."""
+
+from __future__ import annotations
+
+from gateway.config.devices import DeviceMap, MappedDevice, _entry_model
+from gateway.devices import resolve
+from gateway.model import DeadLetter, DecodedUplink, DeviceKey, ForeignTenant, Reading, Unmapped, Uplink
+
+EUI = "70b3d57ed0001234"
+TENANT = "52f14cd4-c6f1-4fbd-8f87-4025e1d49242"
+
+
+def devices(**fields: object) -> DeviceMap:
+    entry = _entry_model("osm-v2").model_validate({"dev_eui": EUI, "sensor_id": "press", "codec": "osm-v2", **fields})
+    return DeviceMap({entry.key: MappedDevice(entry, "m.yaml", 1, 1)})
+
+
+def up(payload: bytes, tenant: str | None = TENANT) -> Uplink:
+    return Uplink("chirpstack/1", DeviceKey("dev_eui", EUI), payload, 1000, 2000, 1, {"dev_eui": EUI, "rssi": -80}, None, tenant)
+
+
+# CC1 single u16 12100, TEMP averaged (i32 thousandths) 21.5 / 20.0 / 23.25
+FRAME = bytes.fromhex("02" "43433100" "01" "02" "442f" "54454d50" "02" "15" "fc530000" "15" "204e0000" "15" "d25a0000")
+
+
+def test_overrides_rename_scale_and_relabel_including_min_max() -> None:
+    """metrics: CC1 -> spindle_current in A; an override of TEMP covers TEMP_min and TEMP_max."""
+    m = devices(
+        metrics={"CC1": {"name": "spindle_current", "scale": 0.001, "unit": "A"}, "TEMP": {"offset": 1}},
+        tags={"machine": "press-03", "rssi": "tag-loses"},
+    )
+    out = resolve(up(FRAME), m)
+    assert isinstance(out, DecodedUplink)
+    assert out.readings == (
+        Reading("spindle_current", 12.1, "A", 1000),
+        Reading("TEMP", 22.5, "degC", 1000),
+        Reading("TEMP_min", 21.0, "degC", 1000),
+        Reading("TEMP_max", 24.25, "degC", 1000),
+    )
+    assert out.meta == {"machine": "press-03", "rssi": -80, "dev_eui": EUI}
+
+
+def test_integer_scaling_stays_exact() -> None:
+    """A whole scale and offset keep integers exact, even beyond 2**53."""
+    big = bytes.fromhex("02" "43433100" "01" "04") + (2**60 + 1).to_bytes(8, "little")
+    out = resolve(up(big), devices(metrics={"CC1": {"scale": 2, "offset": 1}}))
+    assert isinstance(out, DecodedUplink) and out.readings[0].value == 2 * (2**60 + 1) + 1
+
+
+def test_unmapped_foreign_tenant_and_dead_letter_outcomes() -> None:
+    """No map -> Unmapped; another ChirpStack tenant -> ForeignTenant; bad payload -> DeadLetter."""
+    assert isinstance(resolve(up(FRAME), DeviceMap({})), Unmapped)
+    m = devices(chirpstack_tenant_id=TENANT)
+    assert isinstance(resolve(up(FRAME, tenant="00000000-0000-0000-0000-000000000000"), m), ForeignTenant)
+    assert isinstance(resolve(up(FRAME), m), DecodedUplink)
+    dead = resolve(up(FRAME[:-2]), m)
+    assert isinstance(dead, DeadLetter) and dead.reason.startswith("osm-v2: ") and dead.payload == FRAME[:-2]

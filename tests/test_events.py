@@ -1,0 +1,90 @@
+"""Parsing local-broker messages: ChirpStack v4 events (JSON and protobuf) and OSM topics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.errors import EventError
+from gateway.model import DeviceKey, DeviceLog, Uplink
+from gateway.sources.events import Ignored, parse_chirpstack, parse_osm
+from tests.chirpstack import encode, log_event, topic, uplink_event
+
+EUI = "70b3d57ed0001234"
+
+
+@pytest.mark.parametrize("encoding", ["json", "protobuf"])
+def test_uplink_event_becomes_an_uplink_in_both_encodings(encoding: str) -> None:
+    """Both encodings give the same uplink: source from deduplicationId, meta, tenant, payload."""
+    ev = uplink_event(EUI.upper(), b"\x02abc", f_port=3, f_cnt=77, dedup_id="3ac7e3c4-4401-4b8d-9386-a5c902f9202d")
+    up = parse_chirpstack(topic(EUI), encode(ev, encoding), 5, encoding)
+    assert isinstance(up, Uplink)
+    assert up.source == "chirpstack/3ac7e3c4-4401-4b8d-9386-a5c902f9202d"
+    assert up.device == DeviceKey("dev_eui", EUI)
+    assert up.payload == b"\x02abc" and up.f_port == 3 and up.time_ms == 1_795_000_000_000
+    assert dict(up.meta) == {"dev_eui": EUI, "f_cnt": 77, "f_port": 3, "rssi": -80, "snr": 7.5}
+    assert up.network_tenant == "52f14cd4-c6f1-4fbd-8f87-4025e1d49242"
+
+
+def test_uplink_time_falls_back_to_ns_time_then_receive_time() -> None:
+    """Without `time` the first rxInfo nsTime is used; without either, the receive time."""
+    ev = uplink_event(EUI, b"", time_ms=None)
+    ev.rx_info[0].ns_time.FromMilliseconds(1_700_000_000_123)
+    assert parse_chirpstack(topic(EUI), encode(ev, "json"), 9, "json").time_ms == 1_700_000_000_123  # type: ignore[union-attr]
+    ev = uplink_event(EUI, b"", time_ms=None)
+    assert parse_chirpstack(topic(EUI), encode(ev, "protobuf"), 9, "protobuf").time_ms == 9  # type: ignore[union-attr]
+
+
+def test_json_unknown_fields_are_ignored_and_object_integers_kept() -> None:
+    """A newer ChirpStack's extra fields do not break parsing; `object` keeps JSON integers."""
+    doc = json.loads(encode(uplink_event(EUI, b"\x01"), "json"))
+    doc["someFutureField"] = {"x": 1}
+    doc["object"] = {"count": 7, "temp": 21.5, "nested": {"ok": True}}
+    up = parse_chirpstack(topic(EUI), json.dumps(doc).encode(), 0, "json")
+    assert isinstance(up, Uplink) and up.object == {"count": 7, "temp": 21.5, "nested": {"ok": True}}
+    assert isinstance(up.object["count"], int)
+
+
+def test_protobuf_object_whole_numbers_come_back_as_ints() -> None:
+    """Protobuf Struct numbers are doubles; whole ones are given back as integers."""
+    up = parse_chirpstack(topic(EUI), encode(uplink_event(EUI, b"", obj={"n": 3, "t": 1.5}), "protobuf"), 0, "protobuf")
+    assert isinstance(up, Uplink) and up.object == {"n": 3, "t": 1.5} and isinstance(up.object["n"], int)
+
+
+def test_log_events_are_counted_not_readings_and_other_events_ignored() -> None:
+    """`log` events become DeviceLog; join/ack/status are ignored."""
+    got = parse_chirpstack(topic(EUI, "log"), encode(log_event(EUI, "UPLINK_F_CNT_RESET"), "json"), 4, "json")
+    assert isinstance(got, DeviceLog) and got.code == "UPLINK_F_CNT_RESET" and got.device == DeviceKey("dev_eui", EUI)
+    assert parse_chirpstack(topic(EUI, "join"), b"{}", 0, "json") == Ignored("join")
+
+
+@pytest.mark.parametrize(
+    ("topic_", "payload", "needle"),
+    [
+        (topic(EUI), b"not json", "does not parse as json"),
+        (topic(EUI), b"[1,2]", "not a JSON object"),
+        (topic(EUI), b'{"deduplicationId": "x", "fCnt": "many"}', "does not parse as json"),
+        (topic(EUI), b'{"deduplicationId": "x"}', "no valid deviceInfo.devEui"),
+        ("application/x/device/y", b"{}", "not a ChirpStack event topic"),
+    ],
+)
+def test_malformed_events_raise_event_error(topic_: str, payload: bytes, needle: str) -> None:
+    """A malformed event is an EventError with a reason (it becomes a dead letter), never a crash."""
+    with pytest.raises(EventError, match=needle):
+        parse_chirpstack(topic_, payload, 0, "json")
+
+
+def test_garbage_protobuf_is_an_event_error() -> None:
+    """Bytes that are not an UplinkEvent protobuf give an EventError."""
+    with pytest.raises(EventError):
+        parse_chirpstack(topic(EUI), b"\xff\xff\xff\xff", 0, "protobuf")
+
+
+def test_osm_topic_names_the_device_and_unix_names_the_record() -> None:
+    """osm/<HWID>/measurements: HWID upper-cased; source osm/<HWID>/<UNIX>, or the receive time."""
+    up = parse_osm("osm/0a1b2c3d/measurements", b'{"UNIX": 1795000000, "VALUES": {}}', 5)
+    assert up.device == DeviceKey("osm_id", "0A1B2C3D") and up.source == "osm/0A1B2C3D/1795000000"
+    assert parse_osm("osm/0A1B2C3D/measurements", b"garbage", 5).source == "osm/0A1B2C3D/received-5"
+    with pytest.raises(EventError):
+        parse_osm("osm/0A1B2C3/measurements", b"{}", 0)
