@@ -258,9 +258,7 @@ class Buffer:
 
     def _init_state(self) -> None:
         with self._tx():
-            self._db.execute(
-                "INSERT OR IGNORE INTO state VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-            )
+            self._db.execute("INSERT OR IGNORE INTO state VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
             if row is None:
                 totals = self._recount()
@@ -276,7 +274,14 @@ class Buffer:
         b = self._db.execute(
             "SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(payload)),0) FROM batches"
         ).fetchone()
-        return {"uplinks": u[0], "readings": u[1], "bytes": u[2], "batches": b[0], "batch_readings": b[1], "batch_bytes": b[2]}
+        return {
+            "uplinks": u[0],
+            "readings": u[1],
+            "bytes": u[2],
+            "batches": b[0],
+            "batch_readings": b[1],
+            "batch_bytes": b[2],
+        }
 
     def _get_state(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM state WHERE key=?", (key,)).fetchone()
@@ -320,7 +325,8 @@ class Buffer:
 
         def dev(key: DeviceKey, sensor_id: str | None, at: int) -> dict[str, Any]:
             d = devices.setdefault(
-                str(key), {"sensor_id": sensor_id, "last": at, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0}
+                str(key),
+                {"sensor_id": sensor_id, "last": at, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
             )
             d["last"] = max(d["last"], at)
             d["sensor_id"] = sensor_id or d["sensor_id"]
@@ -363,10 +369,19 @@ class Buffer:
                             result.duplicates += 1
                             continue
                         db.execute(
-                            "INSERT INTO dead_letters (received_ms, device, sensor_id, source, topic, f_port, reason, payload)"
+                            "INSERT INTO dead_letters"
+                            " (received_ms, device, sensor_id, source, topic, f_port, reason, payload)"
                             " VALUES (?,?,?,?,?,?,?,?)",
-                            (o.received_ms, str(o.device) if o.device else None, o.sensor_id, o.source, o.topic,
-                             o.f_port, o.reason, o.payload),
+                            (
+                                o.received_ms,
+                                str(o.device) if o.device else None,
+                                o.sensor_id,
+                                o.source,
+                                o.topic,
+                                o.f_port,
+                                o.reason,
+                                o.payload,
+                            ),
                         )
                         result.dead_letters += 1
                         self._count("dead_letters")
@@ -423,8 +438,12 @@ class Buffer:
         with self._lock:
             t = self._totals
             total = Depth(
-                readings=t["readings"], bytes=t["bytes"], uplinks=t["uplinks"],
-                batches=t["batches"], batch_readings=t["batch_readings"], batch_bytes=t["batch_bytes"],
+                readings=t["readings"],
+                bytes=t["bytes"],
+                uplinks=t["uplinks"],
+                batches=t["batches"],
+                batch_readings=t["batch_readings"],
+                batch_bytes=t["batch_bytes"],
             )
             if live is True:
                 return Depth(self._live.readings, self._live.bytes, self._live.uplinks, oldest_ms=self._live.oldest_ms)
@@ -525,22 +544,35 @@ class Buffer:
             self._live.uplinks -= len(chosen)
             self._live.readings -= readings
             self._live.bytes -= raw_bytes
-            nxt = self._db.execute("SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)).fetchone()
+            nxt = self._db.execute(
+                "SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)
+            ).fetchone()
             self._live.oldest_ms = nxt[0] if nxt else None
         if gap:
             self._gap = Gap()
             self._set_state("gap", "{}")
         self._save_totals()
-        return Batch(seq=seq, batch_id=header.batch_id, payload=payload, readings=readings, gzip=self.gzip, created_ms=created)
+        return Batch(
+            seq=seq, batch_id=header.batch_id, payload=payload, readings=readings, gzip=self.gzip, created_ms=created
+        )
 
     def pending(self, exclude: Iterable[int] = ()) -> list[Batch]:
         """Formed batches not yet confirmed, oldest first (after a restart: all of them)."""
         skip = set(exclude)
         gateway_id = self._ids[0]
         with self._lock:
-            rows = self._db.execute("SELECT seq, created_ms, readings, gzip, payload FROM batches ORDER BY seq").fetchall()
+            rows = self._db.execute(
+                "SELECT seq, created_ms, readings, gzip, payload FROM batches ORDER BY seq"
+            ).fetchall()
         return [
-            Batch(seq=r[0], batch_id=f"{gateway_id}-{r[0]:012d}", payload=bytes(r[4]), readings=r[2], gzip=bool(r[3]), created_ms=r[1])
+            Batch(
+                seq=r[0],
+                batch_id=f"{gateway_id}-{r[0]:012d}",
+                payload=bytes(r[4]),
+                readings=r[2],
+                gzip=bool(r[3]),
+                created_ms=r[1],
+            )
             for r in rows
             if r[0] not in skip
         ]
@@ -592,7 +624,13 @@ class Buffer:
                         break
             self._prune()
             if dropped.readings:
-                self._gap.add(dropped.readings, dropped.uplinks, dropped.from_ms or 0, dropped.to_ms or 0, ", ".join(dropped.reasons))
+                self._gap.add(
+                    dropped.readings,
+                    dropped.uplinks,
+                    dropped.from_ms or 0,
+                    dropped.to_ms or 0,
+                    ", ".join(dropped.reasons),
+                )
                 self._set_state("gap", json.dumps(self._gap.__dict__))
                 self._count("dropped_readings", dropped.readings)
             self._save_totals()
@@ -600,7 +638,8 @@ class Buffer:
 
     def _drop_oldest(self, excess: int, in_flight: Sequence[int], dropped: Gap) -> bool:
         b = self._db.execute(
-            f"SELECT seq, oldest_ms FROM batches WHERE seq NOT IN ({','.join('?' * len(in_flight))}) ORDER BY seq LIMIT 1",
+            f"SELECT seq, oldest_ms FROM batches WHERE seq NOT IN ({','.join('?' * len(in_flight))})"
+            " ORDER BY seq LIMIT 1",
             tuple(in_flight),
         ).fetchone()
         u = self._db.execute("SELECT id, received_ms FROM uplinks ORDER BY id LIMIT 1").fetchone()
@@ -623,7 +662,8 @@ class Buffer:
 
     def _drop_uplinks(self, where: str, args: tuple[Any, ...], dropped: Gap, reason: str) -> None:
         row = self._db.execute(
-            f"SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(series)),0), min(received_ms), max(received_ms),"
+            "SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(series)),0),"
+            " min(received_ms), max(received_ms),"
             f" coalesce(sum(CASE WHEN id >= ? THEN readings ELSE 0 END),0),"
             f" coalesce(sum(CASE WHEN id >= ? THEN length(series) ELSE 0 END),0),"
             f" coalesce(sum(CASE WHEN id >= ? THEN 1 ELSE 0 END),0) FROM uplinks WHERE {where}",
@@ -639,11 +679,15 @@ class Buffer:
         self._live.bytes -= row[6]
         self._live.uplinks -= row[7]
         if row[7]:
-            nxt = self._db.execute("SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)).fetchone()
+            nxt = self._db.execute(
+                "SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)
+            ).fetchone()
             self._live.oldest_ms = nxt[0] if nxt else None
         dropped.add(row[1], row[0], row[3], row[4], reason)
 
-    def _drop_batches(self, where: str, args: tuple[Any, ...], in_flight: Sequence[int], dropped: Gap, reason: str) -> None:
+    def _drop_batches(
+        self, where: str, args: tuple[Any, ...], in_flight: Sequence[int], dropped: Gap, reason: str
+    ) -> None:
         flight = f" AND seq NOT IN ({','.join('?' * len(in_flight))})" if in_flight else ""
         rows = self._db.execute(
             f"SELECT seq, readings, length(payload), oldest_ms, created_ms FROM batches WHERE {where}{flight}",

@@ -187,5 +187,8 @@ def run_demo(minutes: float | None, out: Path) -> int:
 
     service.run(progress=progress)
     files = sorted(outbox.glob("*.json*"))
-    print(f"\nstopped: {len(files)} batch files in {outbox}; inspect one with: zcat {files[-1] if files else '<file>'} | head -c 600")
+    print(
+        f"\nstopped: {len(files)} batch files in {outbox}; inspect one with: "
+        f"zcat {files[-1] if files else '<file>'} | head -c 600"
+    )
     return 0

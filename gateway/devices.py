@@ -13,7 +13,16 @@ from typing import Any
 from gateway.codecs import CODECS, DecodeContext
 from gateway.config.devices import DeviceEntryBase, DeviceMap
 from gateway.errors import DecodeError
-from gateway.model import DeadLetter, DecodedUplink, ForeignTenant, Outcome, Reading, Unmapped, Uplink, Value
+from gateway.model import (
+    DeadLetter,
+    DecodedUplink,
+    ForeignTenant,
+    Outcome,
+    Reading,
+    Unmapped,
+    Uplink,
+    Value,
+)
 
 
 def _scaled(value: Value, scale: float | None, offset: float | None) -> Value:

@@ -126,7 +126,8 @@ def format_status(report: dict[str, Any]) -> str:
             if dev["foreign_tenant"]:
                 extra.append(f"{dev['foreign_tenant']} from another tenant")
             lines.append(
-                f"  {dev['device']:<28} {dev['sensor_id'] or '(unmapped)':<24} last seen {_age(dev['last_seen_ms'], now)}"
+                f"  {dev['device']:<28} {dev['sensor_id'] or '(unmapped)':<24} "
+                f"last seen {_age(dev['last_seen_ms'], now)}"
                 + (f"; {', '.join(extra)}" if extra else "")
             )
     return "\n".join(lines)

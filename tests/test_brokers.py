@@ -37,6 +37,7 @@ class Lifecycle:
     """The lifecycle events of an awscrt MQTT5 client, as events a test can wait on."""
 
     settled: threading.Event = field(default_factory=threading.Event)
+    disconnected: threading.Event = field(default_factory=threading.Event)
     stopped: threading.Event = field(default_factory=threading.Event)
     success: mqtt5.LifecycleConnectSuccessData | None = None
     failure: mqtt5.LifecycleConnectFailureData | None = None
@@ -49,6 +50,9 @@ class Lifecycle:
     def on_failure(self, data: mqtt5.LifecycleConnectFailureData) -> None:
         self.failure = data
         self.settled.set()
+
+    def on_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
+        self.disconnected.set()
 
     def on_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
         self.stopped.set()
@@ -76,6 +80,7 @@ def iot_core_client(
         # extended_validation_and_flow_control_options left out: AWS_IOT_CORE_DEFAULTS
         on_lifecycle_connection_success=lifecycle.on_success,
         on_lifecycle_connection_failure=lifecycle.on_failure,
+        on_lifecycle_disconnection=lifecycle.on_disconnection,
         on_lifecycle_stopped=lifecycle.on_stopped,
         **options,
     )
@@ -111,7 +116,9 @@ def test_awsiot_client_publishes_with_properties_and_gets_puback_reason(
     with iot_core_client(cloud_broker, certs, "gw-acme-leeds-01") as (client, lifecycle):
         lifecycle.wait_for_outcome()
         assert lifecycle.success is not None, lifecycle.failure
-        assert lifecycle.success.negotiated_settings.client_id == "gw-acme-leeds-01"
+        settings = lifecycle.success.negotiated_settings
+        assert settings.client_id == "gw-acme-leeds-01"
+        assert settings.receive_maximum_from_server == 100  # the stand-in's, as IoT Core's
 
         delivered = client.publish(readings_packet(TOPIC, "b-1")).result(TIMEOUT)
         unheard = client.publish(readings_packet("dt/elsewhere", "b-2")).result(TIMEOUT)
@@ -126,6 +133,33 @@ def test_awsiot_client_publishes_with_properties_and_gets_puback_reason(
     assert message.payload_format_indicator == 1
     # Mosquitto forwards the remaining lifetime, which can already be a second less.
     assert message.message_expiry_interval in (SEVEN_DAYS, SEVEN_DAYS - 1)
+
+
+def test_publish_made_during_an_outage_completes_when_the_stand_in_returns(
+    cloud_broker: Mosquitto, certs: TestCerts, cloud_reader: CloudReaderFactory
+) -> None:
+    """A QoS 1 publish made while the stand-in is down stays pending in awscrt's queue, and
+    resolves with a PUBACK once the stand-in is back on the same port and the client has
+    reconnected by itself."""
+    reader = cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=3600)
+    fast_reconnect = {"min_reconnect_delay_ms": 100, "max_reconnect_delay_ms": 500}
+    with iot_core_client(cloud_broker, certs, "gw-acme-leeds-01", **fast_reconnect) as (
+        client, lifecycle,
+    ):
+        lifecycle.wait_for_outcome()
+        cloud_broker.stop()
+        assert lifecycle.disconnected.wait(TIMEOUT)
+        pending = client.publish(readings_packet(TOPIC, "b-outage"))
+        assert not pending.done()
+
+        cloud_broker.start()
+        result = pending.result(TIMEOUT)
+        reader.wait_for_connections(2)
+
+    # The reader's session (and so its subscription) survived the restart.
+    assert result.puback.reason_code == mqtt5.PubackReasonCode.SUCCESS
+    [message] = reader.wait_for_count(1)
+    assert ("batch-id", "b-outage") in message.user_properties
 
 
 def test_failing_puback_resolves_the_future_instead_of_raising(

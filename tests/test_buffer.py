@@ -170,10 +170,12 @@ def test_stop_intake_refuses_when_full(tmp_path: Path) -> None:
 def test_dead_letters_and_device_stats_are_kept(tmp_path: Path) -> None:
     """Dead letters keep raw bytes and reason; device rows count uplinks, readings, dead letters."""
     b = make(tmp_path)
-    b.store([
-        uplink(1),
-        DeadLetter(DEV, "chirpstack/dl1", 1, "osm-v2: truncated", b"\x02\x43", 5, "s1"),
-    ])
+    b.store(
+        [
+            uplink(1),
+            DeadLetter(DEV, "chirpstack/dl1", 1, "osm-v2: truncated", b"\x02\x43", 5, "s1"),
+        ]
+    )
     b.close()
     db = sqlite3.connect(tmp_path / "b.db")
     assert db.execute("SELECT reason, payload FROM dead_letters").fetchall() == [("osm-v2: truncated", b"\x02\x43")]

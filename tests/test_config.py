@@ -73,9 +73,11 @@ def test_good_config_loads_typed_values_relative_to_its_file(tmp_path: Path) -> 
 
 def test_every_problem_is_reported_at_once_with_position(tmp_path: Path) -> None:
     """Typos, bad values and unknown kinds in gateway.yaml each give FILE:LINE:COL: message."""
-    bad = GOOD.replace("tenant_id: acme", "tenant_id: ACME").replace(
-        "  - kind: osm-mqtt\n", "  - kind: osm-mqtt\n    topik: x\n"
-    ).replace("max_delay: 500ms", "max_delay: 5 sec")
+    bad = (
+        GOOD.replace("tenant_id: acme", "tenant_id: ACME")
+        .replace("  - kind: osm-mqtt\n", "  - kind: osm-mqtt\n    topik: x\n")
+        .replace("max_delay: 500ms", "max_delay: 5 sec")
+    )
     path = write_site(tmp_path, bad)
     problems = problems_of(path)
     assert len(problems) == 3, problems
@@ -125,7 +127,10 @@ def test_codec_options_are_validated_against_the_codec_the_entry_names(tmp_path:
     maps = "devices:\n  - dev_eui: 70b3d57ed0001234\n    sensor_id: s\n    codec: osm-v2\n    options: {portz: [1]}\n"
     path = write_site(tmp_path, a=maps)
     (problem,) = problems_of(path)
-    assert problem == f"{tmp_path / 'devices' / 'a.yaml'}:5:15: unknown key 'portz' in devices.0.options (did you mean 'ports'?)"
+    assert (
+        problem
+        == f"{tmp_path / 'devices' / 'a.yaml'}:5:15: unknown key 'portz' in devices.0.options (did you mean 'ports'?)"
+    )
 
 
 def test_topic_placeholders_and_wildcards_are_refused(tmp_path: Path) -> None:
@@ -149,7 +154,9 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     key = tmp_path / "dev.key"
     key.write_text("-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n")
     os.chmod(key, 0o644)
-    cloud = "cloud: {kind: iot-core, endpoint: x-ats.iot.eu-west-2.amazonaws.com, ca: ca.pem, cert: dev.crt, key: dev.key}"
+    cloud = (
+        "cloud: {kind: iot-core, endpoint: x-ats.iot.eu-west-2.amazonaws.com, ca: ca.pem, cert: dev.crt, key: dev.key}"
+    )
     path = write_site(tmp_path, GOOD.replace("cloud: {kind: directory, directory: out}", cloud))
     problems = problems_of(path)
     assert len(problems) == 2
@@ -160,7 +167,9 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert load_config(path).settings.cloud.kind == "iot-core"
 
 
-def test_check_command_prints_problems_and_summary_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_command_prints_problems_and_summary_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`hub-gateway check` prints one problem per line, a summary, and exits 1 (0 when clean)."""
     path = write_site(tmp_path, GOOD.replace("id: gw-t-01", "id: GW"))
     assert main(["check", "-c", str(path)]) == 1

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from gateway.config.devices import DeviceMap, MappedDevice, _entry_model
 from gateway.devices import resolve
-from gateway.model import DeadLetter, DecodedUplink, DeviceKey, ForeignTenant, Reading, Unmapped, Uplink
+from gateway.model import (
+    DeadLetter,
+    DecodedUplink,
+    DeviceKey,
+    ForeignTenant,
+    Reading,
+    Unmapped,
+    Uplink,
+)
 
 EUI = "70b3d57ed0001234"
 TENANT = "52f14cd4-c6f1-4fbd-8f87-4025e1d49242"
@@ -16,11 +24,13 @@ def devices(**fields: object) -> DeviceMap:
 
 
 def up(payload: bytes, tenant: str | None = TENANT) -> Uplink:
-    return Uplink("chirpstack/1", DeviceKey("dev_eui", EUI), payload, 1000, 2000, 1, {"dev_eui": EUI, "rssi": -80}, None, tenant)
+    return Uplink(
+        "chirpstack/1", DeviceKey("dev_eui", EUI), payload, 1000, 2000, 1, {"dev_eui": EUI, "rssi": -80}, None, tenant
+    )
 
 
 # CC1 single u16 12100, TEMP averaged (i32 thousandths) 21.5 / 20.0 / 23.25
-FRAME = bytes.fromhex("02" "43433100" "01" "02" "442f" "54454d50" "02" "15" "fc530000" "15" "204e0000" "15" "d25a0000")
+FRAME = bytes.fromhex("02434331000102442f54454d500215fc53000015204e000015d25a0000")
 
 
 def test_overrides_rename_scale_and_relabel_including_min_max() -> None:
@@ -42,7 +52,7 @@ def test_overrides_rename_scale_and_relabel_including_min_max() -> None:
 
 def test_integer_scaling_stays_exact() -> None:
     """A whole scale and offset keep integers exact, even beyond 2**53."""
-    big = bytes.fromhex("02" "43433100" "01" "04") + (2**60 + 1).to_bytes(8, "little")
+    big = bytes.fromhex("02434331000104") + (2**60 + 1).to_bytes(8, "little")
     out = resolve(up(big), devices(metrics={"CC1": {"scale": 2, "offset": 1}}))
     assert isinstance(out, DecodedUplink) and out.readings[0].value == 2 * (2**60 + 1) + 1
 

@@ -27,7 +27,7 @@ log = structlog.get_logger("gateway.cloud")
 
 def _reason_name(code: int) -> str:
     try:
-        return mqtt5.PubackReasonCode(code).name.lower().replace("_", " ")
+        return str(mqtt5.PubackReasonCode(code).name).lower().replace("_", " ")
     except ValueError:
         return "unknown reason"
 
@@ -125,7 +125,9 @@ class IotCorePublisher:
         self.epoch += 1
         self.last_error = None
         self._connected.set()
-        log.info("connected to cloud", endpoint=self._settings.endpoint, port=self._settings.port, client_id=self._client_id)
+        log.info(
+            "connected to cloud", endpoint=self._settings.endpoint, port=self._settings.port, client_id=self._client_id
+        )
 
     def _on_failure(self, data: mqtt5.LifecycleConnectFailureData) -> None:
         reason = _describe(data)

@@ -6,11 +6,11 @@ folder scanning and no loading by string: adding a codec means adding it to `_BU
 
 from __future__ import annotations
 
-from gateway.codecs import osm_v2
+from gateway.codecs import cayenne_lpp, chirpstack_object, osm_json, osm_v2, packed_samples
 from gateway.codecs.base import Codec, CodecOptions, DecodeContext, DecodeError
 
 __all__ = ["CODECS", "Codec", "CodecOptions", "DecodeContext", "DecodeError"]
 
-_BUILT_INS = (osm_v2,)
+_BUILT_INS = (osm_v2, osm_json, cayenne_lpp, chirpstack_object, packed_samples)
 
 CODECS: dict[str, Codec] = {module.CODEC.name: module.CODEC for module in _BUILT_INS}

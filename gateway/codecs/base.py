@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -33,7 +33,7 @@ class DecodeContext:
     f_port: int | None = None
     #: ChirpStack's decoded `object`, for the `chirpstack-object` codec.
     object: Mapping[str, Any] | None = None
-    options: CodecOptions = NoOptions()
+    options: CodecOptions = field(default_factory=NoOptions)
 
 
 @dataclass(frozen=True, slots=True)

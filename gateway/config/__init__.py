@@ -16,7 +16,13 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gateway.config.devices import DeviceEntry, DeviceEntryBase, DeviceMap, DeviceMapFile, MappedDevice
+from gateway.config.devices import (
+    DeviceEntry,
+    DeviceEntryBase,
+    DeviceMap,
+    DeviceMapFile,
+    MappedDevice,
+)
 from gateway.config.settings import IotCoreCloud, Settings
 from gateway.config.yamlfile import YamlDocument, load_yaml
 from gateway.errors import ConfigError, Problem
@@ -43,9 +49,7 @@ class Config:
     devices: DeviceMap
 
 
-def _problems_from(
-    exc: ValidationError, doc: YamlDocument, name: str, root_model: type[BaseModel]
-) -> list[Problem]:
+def _problems_from(exc: ValidationError, doc: YamlDocument, name: str, root_model: type[BaseModel]) -> list[Problem]:
     """Translate pydantic errors into positioned, field-engineer-readable problems."""
     problems = []
     for err in exc.errors(include_url=False):
@@ -223,7 +227,7 @@ def load_device_maps(files: Sequence[Path]) -> DeviceMap:
     return DeviceMap(by_key)
 
 
-_ENTRY = TypeAdapter(DeviceEntry)
+_ENTRY: TypeAdapter[DeviceEntryBase] = TypeAdapter(DeviceEntry)
 
 
 def _valid_entries(raw: Any) -> list[tuple[int, DeviceEntryBase]]:
@@ -289,7 +293,7 @@ def _check_pem(file: Path, kind: str, doc: YamlDocument, loc: list[Any], secret:
     name = str(doc.path)
     where = ".".join(map(str, loc))
     try:
-        head = file.read_bytes()[:1 << 16]
+        head = file.read_bytes()[: 1 << 16]
     except OSError as exc:
         return [Problem(name, line, col, f"{where}: cannot read {file}: {exc.strerror}")]
     if b"-----BEGIN " not in head or kind.encode() not in head:

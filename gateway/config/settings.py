@@ -56,8 +56,7 @@ class _LocalSource(Strict):
     )
     session_expiry: Duration = Field(
         default=7 * 86400.0,
-        description="How long the broker keeps our session and queued QoS 1 messages while the "
-        "daemon is away.",
+        description="How long the broker keeps our session and queued QoS 1 messages while the daemon is away.",
     )
 
     @field_validator("client_id")
@@ -127,9 +126,7 @@ class _Cloud(Strict):
 
     def topic_for(self, identity: Identity) -> str:
         """The topic with its placeholders filled from validated ids."""
-        return self.topic.format(
-            tenant_id=identity.tenant_id, site_id=identity.site_id, gateway_id=identity.id
-        )
+        return self.topic.format(tenant_id=identity.tenant_id, site_id=identity.site_id, gateway_id=identity.id)
 
 
 class IotCoreCloud(_Cloud):
@@ -190,8 +187,12 @@ class BatchSettings(Strict):
 class LogSettings(Strict):
     """Logging."""
 
-    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Least severe level logged.")
-    format: Literal["json", "console"] = Field(default="json", description="json for journald/shipping, console for people.")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe level logged."
+    )
+    format: Literal["json", "console"] = Field(
+        default="json", description="json for journald/shipping, console for people."
+    )
 
 
 class Settings(Strict):
@@ -202,9 +203,7 @@ class Settings(Strict):
     cloud: Cloud = Field(description="Where batches go.")
     buffer: BufferSettings = Field(default_factory=BufferSettings, description="The durable buffer.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching.")
-    devices: list[str] = Field(
-        default=["devices/*.yaml"], description="Device-map files: globs relative to this file."
-    )
+    devices: list[str] = Field(default=["devices/*.yaml"], description="Device-map files: globs relative to this file.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
 
     @model_validator(mode="after")

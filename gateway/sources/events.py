@@ -70,9 +70,7 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def parse_chirpstack(
-    topic: str, payload: bytes, received_ms: int, encoding: Literal["json", "protobuf"]
-) -> Event:
+def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Literal["json", "protobuf"]) -> Event:
     """Parse one ChirpStack event; raise `EventError` when it is not a well-formed event."""
     kind = event_type(topic)
     if kind not in ("up", "log"):

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.config.settings import Broker
 from gateway.buffer import now_ms
-
-import structlog
+from gateway.config.settings import Broker
 
 log = structlog.get_logger("gateway.sources")
 
@@ -102,7 +101,7 @@ class MqttSource:
 
     def start(self) -> None:
         """Connect in the background; paho reconnects by itself after any drop."""
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._session_expiry
         props.ReceiveMaximum = RECEIVE_MAXIMUM
         self._client.connect_async(

@@ -1,0 +1,105 @@
+"""`osm-json`: DevTank OpenSmartMonitor measurements published as JSON over Wi-Fi or PoE.
+
+Vendor: DevTank Ltd (devtank-ltd/osm_firmware_v2, `src/protocols/jsonblob.c`). Devices: OSM
+units with the Wi-Fi or PoE comms module (the same measurements as the LoRaWAN units: CC1-CC3,
+TEMP/HUMI, PM*, LGHT, SND, CNT1/CNT2, FTA1-FTA4, ...). No fPort: they publish straight to the
+gateway's broker on `osm/<HWID>/measurements`.
+
+Message: `{"UNIX": <seconds>, "NAME": "<unit name>", "VALUES": {"<NAME>": <value>, ...}}`. The
+firmware prints numbers unquoted (floats with three decimals, e.g. `23.500`); the vendor's
+protocol document shows them quoted (`"23.5"`), so a string that is a plain decimal number is
+read as that number (an int when it has no '.'); any other string, and every value of a string
+measurement (FW, R232), stays a string. An averaged measurement arrives as three keys, `NAME`,
+`NAME_min` and `NAME_max`, each its own metric. Timestamp: `UNIX` seconds, unless they are
+before 2020-01-01 (a unit without network time), then the time the message was received.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, NoReturn
+
+from gateway.codecs.base import Codec, CodecOptions, DecodeContext, DecodeError
+from gateway.codecs.osm_units import OSM_UNITS, osm_unit
+from gateway.model import Reading, Value
+
+#: 2020-01-01T00:00:00Z; a UNIX before it means the unit has no network time yet.
+EARLIEST_UNIX = 1_577_836_800
+#: 9999-12-31T23:59:59Z; beyond it the field is not a time at all (and would overflow storage).
+LATEST_UNIX = 253_402_300_799
+#: Measurements whose values are text, whatever their characters (a FW hash may be all digits).
+STRING_MEASUREMENTS = frozenset({"FW", "R232"})
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+_DECIMAL_TEXT = re.compile(r"-?(?:[0-9]+\.[0-9]*|\.[0-9]+)")
+
+
+class OsmJsonOptions(CodecOptions):
+    """Options of `osm-json`: none yet."""
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a number")
+
+
+def _number_or_text(text: str) -> Value:
+    """A plain decimal string as the number it spells; any other string as it is."""
+    if len(text) <= 64:  # no sensor prints more digits; longer text is text
+        if _INTEGER_TEXT.fullmatch(text):
+            return int(text)
+        if _DECIMAL_TEXT.fullmatch(text):
+            return float(text)
+    return text
+
+
+def _value(metric: str, raw: Any) -> Value:
+    if isinstance(raw, bool) or raw is None or isinstance(raw, dict | list):
+        kind = "null" if raw is None else type(raw).__name__
+        raise DecodeError(f"VALUES[{metric!r}] is a {kind}, expected a number or a string")
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise DecodeError(f"VALUES[{metric!r}] is {raw} (not a finite number)")
+    if isinstance(raw, str) and metric.removesuffix("_min").removesuffix("_max") not in STRING_MEASUREMENTS:
+        return _number_or_text(raw)
+    assert isinstance(raw, int | float | str)
+    return raw
+
+
+def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
+    """Decode one OSM JSON message into readings at its `UNIX` time (or the receive time)."""
+    try:
+        document = json.loads(payload, parse_constant=_reject_constant)
+    except RecursionError:
+        raise DecodeError("message is not JSON: nested too deeply") from None
+    except ValueError as exc:  # also UnicodeDecodeError and our NaN/Infinity rejection
+        raise DecodeError(f"message is not JSON: {str(exc)[:120]}") from None
+    if not isinstance(document, dict):
+        raise DecodeError(f"message is a JSON {type(document).__name__}, expected an object")
+    unix = document.get("UNIX")
+    if isinstance(unix, bool) or not isinstance(unix, int):
+        raise DecodeError(f"UNIX is {_describe(unix)}, expected integer seconds")
+    if unix > LATEST_UNIX:
+        raise DecodeError(f"UNIX {unix} is after the year 9999")
+    name = document.get("NAME")
+    if name is not None and not isinstance(name, str):
+        raise DecodeError(f"NAME is {_describe(name)}, expected a string")
+    values = document.get("VALUES")
+    if not isinstance(values, dict):
+        raise DecodeError(f"VALUES is {_describe(values)}, expected an object")
+    t = unix * 1000 if unix >= EARLIEST_UNIX else ctx.received_ms
+    readings = []
+    for metric, raw in values.items():
+        if not metric:
+            raise DecodeError("VALUES has an empty measurement name")
+        readings.append(Reading(metric, _value(metric, raw), osm_unit(metric), t))
+    return readings
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "missing or null"
+    return f"a {type(value).__name__}"
+
+
+CODEC = Codec(name="osm-json", options=OsmJsonOptions, decode=decode, default_units=OSM_UNITS)
