@@ -75,6 +75,9 @@ class SimulatedSite:
         self._stop.set()
         self._thread.join(2)
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        return True
+
     def _event(self, dev_eui: str, payload: bytes) -> tuple[str, bytes]:
         ev = integration_pb2.UplinkEvent(deduplication_id=str(uuid.UUID(int=self._rng.getrandbits(128))))
         ev.time.FromMilliseconds(now_ms())

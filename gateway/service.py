@@ -37,6 +37,7 @@ STOP_BUDGET_S = 5.0
 BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
 MAX_BACKOFF_S = 60.0
+SOURCES_READY_TIMEOUT_S = 10.0
 
 
 def open_buffer(settings: Settings) -> Buffer:
@@ -146,6 +147,12 @@ class Service:
         self.intake.start()
         for source in self.sources:
             source.start()
+        # READY=1 means sources and buffer are up: wait for the subscriptions, but not forever,
+        # so a local broker that is down does not hold systemd's start-up (we reconnect later).
+        deadline = time.monotonic() + SOURCES_READY_TIMEOUT_S
+        waiting = [src.name for src in self.sources if not src.wait_ready(max(0.0, deadline - time.monotonic()))]
+        if waiting:
+            log.warning("local broker not reachable yet; starting anyway and retrying", sources=waiting)
         depth = self.buffer.depth()
         log.info(
             "gateway started",

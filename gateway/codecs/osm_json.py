@@ -56,8 +56,7 @@ def _number_or_text(text: str) -> Value:
 
 def _value(metric: str, raw: Any) -> Value:
     if isinstance(raw, bool) or raw is None or isinstance(raw, dict | list):
-        kind = "null" if raw is None else type(raw).__name__
-        raise DecodeError(f"VALUES[{metric!r}] is a {kind}, expected a number or a string")
+        raise DecodeError(f"VALUES[{metric!r}] is {_kind(raw)}, expected a number or a string")
     if isinstance(raw, float) and not math.isfinite(raw):
         raise DecodeError(f"VALUES[{metric!r}] is {raw} (not a finite number)")
     if isinstance(raw, str) and metric.removesuffix("_min").removesuffix("_max") not in STRING_MEASUREMENTS:
@@ -75,18 +74,18 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     except ValueError as exc:  # also UnicodeDecodeError and our NaN/Infinity rejection
         raise DecodeError(f"message is not JSON: {str(exc)[:120]}") from None
     if not isinstance(document, dict):
-        raise DecodeError(f"message is a JSON {type(document).__name__}, expected an object")
+        raise DecodeError(f"message is {_kind(document)}, expected a JSON object")
     unix = document.get("UNIX")
     if isinstance(unix, bool) or not isinstance(unix, int):
-        raise DecodeError(f"UNIX is {_describe(unix)}, expected integer seconds")
+        raise DecodeError(f"UNIX is {_kind(unix, 'UNIX' in document)}, expected integer seconds")
     if unix > LATEST_UNIX:
         raise DecodeError(f"UNIX {unix} is after the year 9999")
     name = document.get("NAME")
     if name is not None and not isinstance(name, str):
-        raise DecodeError(f"NAME is {_describe(name)}, expected a string")
+        raise DecodeError(f"NAME is {_kind(name)}, expected a string")
     values = document.get("VALUES")
     if not isinstance(values, dict):
-        raise DecodeError(f"VALUES is {_describe(values)}, expected an object")
+        raise DecodeError(f"VALUES is {_kind(values, 'VALUES' in document)}, expected an object")
     t = unix * 1000 if unix >= EARLIEST_UNIX else ctx.received_ms
     readings = []
     for metric, raw in values.items():
@@ -96,10 +95,20 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     return readings
 
 
-def _describe(value: Any) -> str:
+_KINDS = {bool: "a boolean", int: "an integer", float: "a decimal number", str: "a string"}
+
+
+def _kind(value: Any, present: bool = True) -> str:
+    """What a JSON value is, in JSON's words, for a dead letter's reason."""
+    if not present:
+        return "missing"
     if value is None:
-        return "missing or null"
-    return f"a {type(value).__name__}"
+        return "null"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 CODEC = Codec(name="osm-json", options=OsmJsonOptions, decode=decode, default_units=OSM_UNITS)

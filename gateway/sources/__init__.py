@@ -28,6 +28,9 @@ class RunningSource(Protocol):
     def stop(self) -> None:
         """Stop receiving; what was not acknowledged stays with the broker."""
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the source receives (subscribed); False on timeout."""
+
 
 def parser_for(source: Source) -> Parser:
     """The function that parses messages of this source into events."""

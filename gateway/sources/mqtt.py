@@ -80,11 +80,13 @@ class MqttSource:
         self._session_expiry = int(session_expiry_s)
         self._generation = 0
         self._lock = threading.Lock()
-        self.connected = threading.Event()
+        #: Set once the broker has acknowledged our subscription (SUBACK), cleared on a drop.
+        self.subscribed = threading.Event()
         self._client = client_factory(client_id)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         if broker.username is not None:
             password = None
@@ -129,7 +131,6 @@ class MqttSource:
         with self._lock:
             self._generation += 1
         client.subscribe(self.topic, options=SubscribeOptions(qos=1))
-        self.connected.set()
         log.info(
             "connected to local broker",
             source=self.name,
@@ -138,8 +139,19 @@ class MqttSource:
             session_present=bool(getattr(flags, "session_present", False)),
         )
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if all(not r.is_failure for r in reasons):
+            self.subscribed.set()
+        else:
+            log.error("local broker refused our subscription", source=self.name, topic=self.topic,
+                      reasons=[str(r) for r in reasons])
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until subscribed; False if the broker did not get there in time."""
+        return self.subscribed.wait(timeout_s)
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self.connected.clear()
+        self.subscribed.clear()
         with self._lock:
             self._generation += 1
         if reason.is_failure:
