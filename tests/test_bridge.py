@@ -83,7 +83,10 @@ def send_uplinks(local: Mosquitto, encoding: str, numbers: range) -> set[tuple[A
     with publishing(local) as send:
         for n in numbers:
             t = T0 + n * 1000
-            send(topic(PRESS), encode(uplink_event(PRESS, press_frame(n), f_cnt=n, time_ms=t, dedup_id=f"p-{n}"), encoding))
+            send(
+                topic(PRESS),
+                encode(uplink_event(PRESS, press_frame(n), f_cnt=n, time_ms=t, dedup_id=f"p-{n}"), encoding),
+            )
             send(topic(AIR), encode(uplink_event(AIR, air_frame(n), f_cnt=n, time_ms=t, dedup_id=f"a-{n}"), encoding))
             expected |= expected_rows(n, t)
     return expected
@@ -96,8 +99,14 @@ def cloud_rows(messages: list[ReceivedMessage]) -> list[tuple[Any, ...]]:
         body = wire.decode_message(message.payload)
         for row in wire.expand_rows(body):
             rows.append(
-                (row["tenant_id"], row["sensor_id"], row["timestamp"], row["metric_name"], row["metric_value"],
-                 row["metadata"].get("unit"))
+                (
+                    row["tenant_id"],
+                    row["sensor_id"],
+                    row["timestamp"],
+                    row["metric_name"],
+                    row["metric_value"],
+                    row["metadata"].get("unit"),
+                )
             )
     return rows
 
@@ -124,8 +133,13 @@ def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
 
 @pytest.mark.parametrize("encoding", ["json", "protobuf"])
 def test_osm_frames_reach_the_cloud_decoded_exactly(
-    encoding: str, local_broker: Mosquitto, cloud_broker: Mosquitto, certs: TestCerts, reader: Subscriber,
-    daemons: list[Daemon], tmp_path: Path,
+    encoding: str,
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    reader: Subscriber,
+    daemons: list[Daemon],
+    tmp_path: Path,
 ) -> None:
     """ChirpStack OSM uplinks (json or protobuf) arrive as hub.readings.v1 messages whose rows are
     exactly the decoded readings, with the MQTT v5 properties of SPEC section 8; bad and unknown
@@ -169,8 +183,12 @@ def test_osm_frames_reach_the_cloud_decoded_exactly(
 
 
 def test_kill_9_between_intake_and_publish_loses_nothing(
-    local_broker: Mosquitto, cloud_broker: Mosquitto, certs: TestCerts, reader: Subscriber,
-    daemons: list[Daemon], tmp_path: Path,
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    reader: Subscriber,
+    daemons: list[Daemon],
+    tmp_path: Path,
 ) -> None:
     """Readings acknowledged upstream but not yet published survive kill -9 and are published,
     once each, after the restart."""
@@ -190,8 +208,12 @@ def test_kill_9_between_intake_and_publish_loses_nothing(
 
 
 def test_cloud_outage_and_return_loses_nothing(
-    local_broker: Mosquitto, cloud_broker: Mosquitto, certs: TestCerts, reader: Subscriber,
-    daemons: list[Daemon], tmp_path: Path,
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    reader: Subscriber,
+    daemons: list[Daemon],
+    tmp_path: Path,
 ) -> None:
     """While the stand-in is away readings wait in the buffer (status shows the backlog); when it
     comes back on the same port they all arrive and the backlog empties."""

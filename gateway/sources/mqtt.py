@@ -143,8 +143,12 @@ class MqttSource:
         if all(not r.is_failure for r in reasons):
             self.subscribed.set()
         else:
-            log.error("local broker refused our subscription", source=self.name, topic=self.topic,
-                      reasons=[str(r) for r in reasons])
+            log.error(
+                "local broker refused our subscription",
+                source=self.name,
+                topic=self.topic,
+                reasons=[str(r) for r in reasons],
+            )
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until subscribed; False if the broker did not get there in time."""
