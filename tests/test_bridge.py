@@ -232,3 +232,35 @@ def test_cloud_outage_and_return_loses_nothing(
     daemon.wait_status(lambda s: s["backlog"]["readings"] == 0)
     code, _ = daemon.stop()
     assert code == 0
+
+
+def test_sighup_rejects_a_broken_map_and_replays_uplinks_of_newly_mapped_devices(
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    reader: Subscriber,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """A map that fails validation on SIGHUP is rejected with its FILE:LINE:COL and the old
+    maps keep working; a fixed map is taken and the kept uplinks of its new device are sent."""
+    daemon = Daemon(tmp_path / "gw", local_broker, cloud_broker, certs, DEVICES)
+    daemons.append(daemon)
+    daemon.start()
+    with publishing(local_broker) as send:
+        send(topic(STRANGER), encode(uplink_event(STRANGER, press_frame(7), time_ms=T0, dedup_id="s-1"), "json"))
+    daemon.wait_status(lambda s: s["unmapped_uplinks"] == 1)
+
+    site = daemon.workdir / "devices" / "site.yaml"
+    site.write_text(DEVICES + "  - dev_eui: nothex\n    sensor_id: broken\n    codec: osm-v2\n")
+    daemon.reload()
+    daemon.wait_log(f"{site}:14:")
+    expected = send_uplinks(local_broker, "json", range(1))
+    wait_rows(reader, expected)  # the running maps still decode
+
+    site.write_text(DEVICES + f"  - dev_eui: {STRANGER}\n    sensor_id: stranger\n    codec: osm-v2\n")
+    daemon.reload()
+    replayed = ("acme", "stranger", T0, "CC1", 12007, "mA")
+    rows = wait_rows(reader, expected | {replayed})
+    assert rows.count(replayed) == 1
+    daemon.wait_status(lambda s: s["unmapped_uplinks"] == 0)

@@ -150,6 +150,19 @@ log: {{level: debug, format: json}}
                 raise AssertionError(f"status never matched: {report}\nlog:\n{self.log_tail()}")
             time.sleep(0.2)
 
+    def reload(self) -> None:
+        """SIGHUP, as `systemctl reload` sends."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def wait_log(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until the daemon's log contains `text` (the log is a file: polled)."""
+        deadline = time.monotonic() + timeout
+        while text not in (self.log_path.read_text(errors="replace") if self.log_path.exists() else ""):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"log never showed {text!r}:\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def log_tail(self, lines: int = 60) -> str:
         """The end of the daemon's log."""
         if not self.log_path.exists():

@@ -1,0 +1,84 @@
+"""The command line as a field engineer uses it: demo, status on a stopped daemon, schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import wire
+from gateway.buffer import Buffer, now_ms
+from gateway.cli import main
+from gateway.model import DeadLetter, DecodedUplink, DeviceKey, Reading
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.integration
+def test_demo_runs_the_simulated_site_into_batch_files(tmp_path: Path) -> None:
+    """`hub-gateway demo --minutes` publishes the 60 simulated sensors as hub.readings.v1 files and exits 0."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--minutes", "0.12", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert out.returncode == 0, out.stderr
+    files = sorted((tmp_path / "outbox").glob("*.json.gz"))
+    assert files, out.stdout
+    sensors = set()
+    for f in files:
+        for row in wire.expand_rows(wire.decode_message(f.read_bytes())):
+            sensors.add(row["sensor_id"])
+    assert {f"machine-{i:02d}-clamp" for i in range(1, 46)} <= sensors  # every 1 Hz sensor
+    assert any(s.startswith("air-") for s in sensors)  # air sensors report staggered over 30 s
+    assert "batch files" in out.stdout
+
+
+def test_status_reads_a_stopped_daemons_buffer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """status reports backlog, dead letters and devices from the file alone, in text and JSON."""
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "a.yaml").write_text("devices: []\n")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
+        "sources: [{kind: chirpstack}]\n"
+        "cloud: {kind: directory, directory: out}\n"
+        "buffer: {path: buffer.db}\n"
+    )
+    assert main(["status", "-c", str(cfg)]) == 0
+    assert "does not exist yet" in capsys.readouterr().out
+    dev = DeviceKey("dev_eui", "70b3d57ed0001234")
+    b = Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds")
+    t = now_ms() - 60_000
+    b.store(
+        [
+            DecodedUplink(
+                "chirpstack/1", "press", dev, t, {}, (Reading("CC1", 1, "mA", t), Reading("CC2", 2, "mA", t))
+            ),
+            DeadLetter(dev, "chirpstack/2", 1, "osm-v2: truncated", b"\x02", t, "press"),
+        ]
+    )
+    b.close()
+    assert main(["status", "--json", "-c", str(cfg)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["daemon"]["running"] is False
+    assert report["backlog"]["readings"] == 2 and 59 <= report["backlog"]["oldest_unsent_age_s"] < 120
+    assert report["dead_letters"]["latest"][0]["payload_hex"] == "02"
+    assert report["devices"][0]["sensor_id"] == "press" and report["devices"][0]["dead_letters"] == 1
+    assert main(["status", "-c", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "backlog:       2 readings" in text and "osm-v2: truncated" in text
+
+
+def test_schema_prints_both_schemas(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hub-gateway schema` prints JSON Schemas that reject unknown keys."""
+    assert main(["schema"]) == 0
+    schemas = json.loads(capsys.readouterr().out)
+    assert set(schemas) == {"gateway", "devices"}
+    assert schemas["gateway"]["additionalProperties"] is False
