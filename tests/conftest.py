@@ -46,10 +46,17 @@ def local_broker(tmp_path: Path, mosquitto_executable: str) -> Iterator[Mosquitt
 def cloud_broker(
     tmp_path: Path, certs: TestCerts, mosquitto_executable: str
 ) -> Iterator[Mosquitto]:
-    """IoT Core's stand-in: TLS on loopback with require_certificate true, started."""
+    """IoT Core's stand-in: TLS on loopback with require_certificate true, started.
+
+    Like IoT Core it allows 100 unacknowledged publishes per client (Receive Maximum in
+    CONNACK); persistence is on so a persistent-session reader keeps its queue across
+    restart().
+    """
     broker = Mosquitto(
         tmp_path / "cloud-broker",
         tls=ServerTLS(ca=certs.ca_cert, server=certs.server, require_certificate=True),
+        persistence=True,
+        max_inflight_messages=100,
         executable=mosquitto_executable,
     )
     with broker:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ class Lifecycle:
 
 @contextmanager
 def iot_core_client(
-    broker: Mosquitto, certs: TestCerts, client_id: str, pair: KeyPair | None = None,
+    broker: Mosquitto, certs: TestCerts, client_id: str, *, pair: KeyPair | None = None,
     **options: Any,
 ) -> Iterator[tuple[mqtt5.Client, Lifecycle]]:
     """The awsiotsdk MQTT5 mTLS client as the gateway builds it, started; stopped on exit."""
@@ -142,8 +143,8 @@ def test_publish_made_during_an_outage_completes_when_the_stand_in_returns(
     resolves with a PUBACK once the stand-in is back on the same port and the client has
     reconnected by itself."""
     reader = cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=3600)
-    fast_reconnect = {"min_reconnect_delay_ms": 100, "max_reconnect_delay_ms": 500}
-    with iot_core_client(cloud_broker, certs, "gw-acme-leeds-01", **fast_reconnect) as (
+    with iot_core_client(cloud_broker, certs, "gw-acme-leeds-01",
+                         min_reconnect_delay_ms=100, max_reconnect_delay_ms=500) as (
         client, lifecycle,
     ):
         lifecycle.wait_for_outcome()
@@ -189,7 +190,7 @@ def test_client_cert_from_another_ca_is_refused(
     """A client cert not signed by the stand-in's CA ends the first attempt in a connection
     failure lifecycle event (quickly: the server refuses, so no client-side TLS delay)."""
     stranger = make_ca(tmp_path / "other-pki", "other-ca").issue_client("gw-stranger")
-    with iot_core_client(cloud_broker, certs, "gw-stranger", stranger) as (_, lifecycle):
+    with iot_core_client(cloud_broker, certs, "gw-stranger", pair=stranger) as (_, lifecycle):
         lifecycle.wait_for_outcome()
         assert lifecycle.success is None
         assert lifecycle.failure is not None
@@ -197,8 +198,8 @@ def test_client_cert_from_another_ca_is_refused(
         # so the refusal shows up as a failed read, not as a negotiation failure.
         assert lifecycle.failure.exception is not None
         assert lifecycle.failure.exception.name in (
-            "AWS_IO_TLS_ERROR_READ_FAILURE", "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE",
-            "AWS_IO_SOCKET_CLOSED", "AWS_ERROR_MQTT_UNEXPECTED_HANGUP",
+            "AWS_IO_TLS_ERROR_READ_FAILURE",  # TLS 1.3, as negotiated here
+            "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE",  # TLS 1.2
         ), lifecycle.failure.exception
 
 
@@ -219,9 +220,8 @@ def test_unacked_message_is_redelivered_until_acked_from_another_thread(
         assert second.session_present
         [again] = second.wait_for_count(1)
         assert (again.payload, again.mid, again.dup) == (b"m1", original.mid, True)
-        acker = threading.Thread(target=second.ack, args=(again,))
-        acker.start()
-        acker.join(TIMEOUT)
+        with ThreadPoolExecutor(1) as other_thread:
+            other_thread.submit(second.ack, again).result(TIMEOUT)
         # close() queues DISCONNECT behind the PUBACK: the broker sees the ack first.
 
     with Subscriber(local_broker, "application/#", **session) as third:

@@ -21,6 +21,7 @@ Things about Mosquitto 2.0.11 these helpers work around (each one found the hard
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -49,6 +50,20 @@ START_TIMEOUT = 10.0
 PORT_RETRY_TIMEOUT = 5.0
 STOP_TIMEOUT = 10.0
 _POLL = 0.02
+# What Mosquitto logs once all its listeners are open.
+_RUNNING = " running"
+
+
+# Every broker process still running, so that a test run that dies without its fixtures'
+# teardown (an exception in a script, sys.exit) does not leave brokers behind.
+_live: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for process in list(_live):
+        process.kill()
+        process.wait()
 
 
 class MosquittoNotFound(RuntimeError):
@@ -147,12 +162,14 @@ class Mosquitto:
         port_deadline = time.monotonic() + PORT_RETRY_TIMEOUT
         while True:
             self._write_conf()
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             self._spawn()
-            outcome = self._wait_until_listening(deadline)
+            outcome = self._wait_until_listening(deadline, log_offset)
             if outcome == "listening":
                 self._port_pinned = True
                 return self
-            in_use = "Address already in use" in self.output_tail(3) + self.log_tail(3)
+            self._terminate(signal.SIGKILL)
+            in_use = "Address already in use" in _read_from(self.log_path, log_offset)
             if outcome == "exited" and in_use and time.monotonic() < port_deadline:
                 if not self._port_pinned:
                     # Someone took the port between free_port() and bind: pick another.
@@ -161,7 +178,6 @@ class Mosquitto:
                     # A restart: clients know this port, so wait for the old socket to go.
                     time.sleep(0.1)
                 continue
-            self._terminate(signal.SIGKILL)
             raise BrokerError(
                 f"mosquitto did not start listening on {self.host}:{self.port} "
                 f"({outcome}).\n{self.diagnostics()}"
@@ -258,24 +274,31 @@ class Mosquitto:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal is for pytest, not for it
             )
+        _live.add(self._process)
 
-    def _wait_until_listening(self, deadline: float) -> str:
+    def _wait_until_listening(self, deadline: float, log_offset: int) -> str:
+        # A TCP connect alone could reach whoever else holds the port, so first wait for
+        # Mosquitto's own word that every listener is open, then check the port answers.
         assert self._process is not None
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 return "exited"
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return "listening"
-            except OSError:
-                time.sleep(_POLL)
+            if _RUNNING in _read_from(self.log_path, log_offset):
+                try:
+                    with socket.create_connection((self.host, self.port), timeout=0.5):
+                        return "listening"
+                except OSError:
+                    pass
+            time.sleep(_POLL)
         return "timed out"
 
     def _terminate(self, sig: signal.Signals, timeout: float = STOP_TIMEOUT) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
+            return
+        _live.discard(process)
+        if process.poll() is not None:
             return
         process.send_signal(sig)
         try:
@@ -283,6 +306,15 @@ class Mosquitto:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -349,10 +381,11 @@ class Subscriber:
         self._condition = threading.Condition()
         self._messages: list[ReceivedMessage] = []
         self._subscribed = False
+        self._subscribe_mid: int | None = None
+        self._subscriptions = 0
         self._barriers = itertools.count(1)
         self._acked_barriers: set[int] = set()
         self._connect_reason: ReasonCode | None = None
-        self._disconnected = False
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -366,6 +399,8 @@ class Subscriber:
                 certfile=str(client_cert.cert),
                 keyfile=str(client_cert.key),
             )
+        # paho reconnects by itself (after a broker restart); keep the wait short for tests.
+        self._client.reconnect_delay_set(min_delay=1, max_delay=2)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
@@ -429,6 +464,19 @@ class Subscriber:
         """Block until at least count messages have arrived; return them."""
         return self.wait_for(lambda messages: len(messages) >= count, timeout)
 
+    @property
+    def connections(self) -> int:
+        """How many connections have had the subscription confirmed (1 after start())."""
+        with self._condition:
+            return self._subscriptions
+
+    def wait_for_connections(self, count: int, timeout: float = 10.0) -> None:
+        """Block until paho has reconnected and resubscribed, e.g. after broker.restart()."""
+        with self._condition:
+            if not self._condition.wait_for(lambda: self._subscriptions >= count, timeout):
+                raise TimeoutError(f"{self.client_id}: {self._subscriptions} of {count} "
+                                   f"connections within {timeout}s")
+
     def sync(self, timeout: float = 5.0) -> list[ReceivedMessage]:
         """Round-trip to the broker; return everything it had sent before that.
 
@@ -460,16 +508,17 @@ class Subscriber:
                 self._condition.notify_all()
             return
         self.session_present = flags.session_present
-        client.subscribe(self.topic_filter, qos=self.qos)
+        _, self._subscribe_mid = client.subscribe(self.topic_filter, qos=self.qos)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
         with self._condition:
             self._acked_barriers.add(mid)
-            if all(not r.is_failure for r in reasons):
-                self._subscribed = True
-            else:
+            if any(r.is_failure for r in reasons):
                 self._connect_reason = reasons[0]
+            elif mid == self._subscribe_mid:
+                self._subscribed = True
+                self._subscriptions += 1
             self._condition.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any,
@@ -496,7 +545,6 @@ class Subscriber:
                        flags: mqtt.DisconnectFlags, reason: ReasonCode,
                        properties: Properties | None) -> None:
         with self._condition:
-            self._disconnected = True
             if not self._subscribed and reason.is_failure:
                 self._connect_reason = reason
             self._condition.notify_all()
@@ -537,12 +585,21 @@ def publishing(
         client.tls_set(ca_certs=str(broker.tls.ca), certfile=str(client_cert.cert),
                        keyfile=str(client_cert.key))
     connected = threading.Event()
-    client.on_connect = lambda c, u, f, reason, p: connected.set()
+    connack: list[ReasonCode] = []
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                   reason: ReasonCode, properties: Properties | None) -> None:
+        connack.append(reason)
+        connected.set()
+
+    client.on_connect = on_connect
     client.connect(broker.host, broker.port, keepalive=30)
     client.loop_start()
     try:
         if not connected.wait(timeout):
             raise TimeoutError(f"publisher: no CONNACK within {timeout}s from {broker!r}")
+        if connack[0].is_failure:
+            raise ConnectionError(f"publisher: CONNACK {connack[0]} from {broker!r}")
 
         def send(topic: str, payload: bytes | str, *, qos: int = 1,
                  properties: Properties | None = None) -> None:
