@@ -200,6 +200,7 @@ def _uplink_json(uplink: Uplink) -> str:
             "meta": dict(uplink.meta),
             "object": uplink.object,
             "network_tenant": uplink.network_tenant,
+            "dedup_key": uplink.dedup_key,
         }
     )
 
@@ -216,6 +217,7 @@ def _uplink_from_json(text: str) -> Uplink:
         meta=d["meta"],
         object=d["object"],
         network_tenant=d["network_tenant"],
+        dedup_key=d.get("dedup_key"),
     )
 
 
@@ -337,7 +339,8 @@ class Buffer:
                 db = self._db
                 for o in outcomes:
                     if isinstance(o, DecodedUplink):
-                        cur = db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (o.source, o.received_ms))
+                        key = o.dedup_key or o.source
+                        cur = db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, o.received_ms))
                         if cur.rowcount == 0:
                             result.duplicates += 1
                             continue

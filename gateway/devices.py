@@ -113,4 +113,5 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         received_ms=uplink.received_ms,
         meta=meta,
         readings=tuple(readings),
+        dedup_key=uplink.dedup_key,
     )

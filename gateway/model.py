@@ -43,6 +43,8 @@ class Uplink:
     object: Mapping[str, Any] | None = None
     #: The ChirpStack tenant the device belongs to, when the source knows it.
     network_tenant: str | None = None
+    #: What makes a redelivery recognisable, when `source` alone does not (OSM fragments).
+    dedup_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,8 @@ class DecodedUplink:
     received_ms: int
     meta: Mapping[str, Any]
     readings: tuple[Reading, ...]
+    #: Key of idempotent intake; `source` when None.
+    dedup_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

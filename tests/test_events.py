@@ -88,3 +88,13 @@ def test_osm_topic_names_the_device_and_unix_names_the_record() -> None:
     assert parse_osm("osm/0A1B2C3D/measurements", b"garbage", 5).source == "osm/0A1B2C3D/received-5"
     with pytest.raises(EventError):
         parse_osm("osm/0A1B2C3/measurements", b"{}", 0)
+
+
+def test_osm_fragments_of_one_second_are_distinct_but_redeliveries_are_not() -> None:
+    """Two OSM messages with the same UNIX but different bodies (firmware fragments) get
+    different idempotency keys; the same bytes again get the same key."""
+    a = parse_osm("osm/0A1B2C3D/measurements", b'{"UNIX": 1795000000, "VALUES": {"CC1": 1}}', 5)
+    b = parse_osm("osm/0A1B2C3D/measurements", b'{"UNIX": 1795000000, "VALUES": {"TEMP": 2}}', 6)
+    again = parse_osm("osm/0A1B2C3D/measurements", b'{"UNIX": 1795000000, "VALUES": {"CC1": 1}}', 7)
+    assert a.source == b.source == "osm/0A1B2C3D/1795000000"
+    assert a.dedup_key != b.dedup_key and a.dedup_key == again.dedup_key

@@ -1,9 +1,9 @@
 """`cayenne-lpp`: Cayenne Low Power Payload (myDevices), as sent by many off-the-shelf devices.
 
-Vendor: myDevices (the format), implemented by many makers: Arduino/PlatformIO nodes using the
-CayenneLPP libraries (ElectronicCats, TTN), RAKwireless WisBlock examples, Dragino and Seeed
-demo firmware, most LoRaWAN dev kits. Any fPort (devices commonly use 1 or 2); the payload
-does not depend on it.
+Vendor: myDevices (the format; IPSO Smart Object ids). Devices: anything built with a
+CayenneLPP library (Arduino/PlatformIO nodes with the ElectronicCats or TTN libraries,
+RAKwireless WisBlock examples, many LoRaWAN dev kits and demo firmwares). fPorts: any (devices
+commonly use 1 or 2); the payload does not depend on it.
 
 Frame: items to the end of the frame, each `channel (1 byte) | type (1 byte) | data`, data
 big-endian. Types are IPSO object ids minus 3200. Standard LPP v1: digital in/out (0/1), analog
@@ -16,7 +16,7 @@ multi-value types add the axis: `accelerometer_6_x`, `gps_1_latitude`, `colour_2
 Timestamp: the uplink's time.
 
 Where references disagree (see docs/codecs.md) this follows the IPSO-minus-3200 numbering and
-the myDevices resolutions: concentration is 125 and colour 135 (one ElectronicCats release used
+the myDevices resolutions: concentration is 125 and colour 135 (ElectronicCats' decoder.js uses
 143 "ppm" and 144 "rgb"), direction is 2 bytes.
 """
 
@@ -115,10 +115,7 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
             raise DecodeError(f"unknown data type {type_id} on channel {channel} at byte {pos + 1}")
         pos += 2
         if pos + kind.size > end:
-            raise DecodeError(
-                f"{kind.name} on channel {channel} truncated: needs {kind.size} bytes, "
-                f"{end - pos} left"
-            )
+            raise DecodeError(f"{kind.name} on channel {channel} truncated: needs {kind.size} bytes, {end - pos} left")
         prefix = f"{kind.name}_{channel}"
         for field in kind.fields:
             number = int.from_bytes(payload[pos : pos + field.size], "big", signed=field.signed)

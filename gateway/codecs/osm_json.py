@@ -22,7 +22,7 @@ import re
 from typing import Any, NoReturn
 
 from gateway.codecs.base import Codec, CodecOptions, DecodeContext, DecodeError
-from gateway.codecs.osm_units import OSM_UNITS, osm_unit
+from gateway.codecs.osm_units import OSM_UNITS
 from gateway.model import Reading, Value
 
 #: 2020-01-01T00:00:00Z; a UNIX before it means the unit has no network time yet.
@@ -44,6 +44,10 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a number")
 
 
+# One decoder for every message (json.loads with an option builds a new one each call).
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _number_or_text(text: str) -> Value:
     """A plain decimal string as the number it spells; any other string as it is."""
     if len(text) <= 64:  # no sensor prints more digits; longer text is text
@@ -54,21 +58,11 @@ def _number_or_text(text: str) -> Value:
     return text
 
 
-def _value(metric: str, raw: Any) -> Value:
-    if isinstance(raw, bool) or raw is None or isinstance(raw, dict | list):
-        raise DecodeError(f"VALUES[{metric!r}] is {_kind(raw)}, expected a number or a string")
-    if isinstance(raw, float) and not math.isfinite(raw):
-        raise DecodeError(f"VALUES[{metric!r}] is {raw} (not a finite number)")
-    if isinstance(raw, str) and metric.removesuffix("_min").removesuffix("_max") not in STRING_MEASUREMENTS:
-        return _number_or_text(raw)
-    assert isinstance(raw, int | float | str)
-    return raw
-
-
 def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     """Decode one OSM JSON message into readings at its `UNIX` time (or the receive time)."""
     try:
-        document = json.loads(payload, parse_constant=_reject_constant)
+        # The osm-mqtt source has parsed the message already; bytes alone are parsed here.
+        document = ctx.object if ctx.object is not None else _JSON.decode(payload.decode("utf-8-sig"))
     except RecursionError:
         raise DecodeError("message is not JSON: nested too deeply") from None
     except ValueError as exc:  # also UnicodeDecodeError and our NaN/Infinity rejection
@@ -91,7 +85,17 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     for metric, raw in values.items():
         if not metric:
             raise DecodeError("VALUES has an empty measurement name")
-        readings.append(Reading(metric, _value(metric, raw), osm_unit(metric), t))
+        measurement = metric.removesuffix("_min").removesuffix("_max")
+        kind = type(raw)
+        if kind is float:
+            if not math.isfinite(raw):
+                raise DecodeError(f"VALUES[{metric!r}] is {raw} (not a finite number)")
+        elif kind is str:
+            if measurement not in STRING_MEASUREMENTS:
+                raw = _number_or_text(raw)
+        elif kind is not int:  # bool, null, array, object
+            raise DecodeError(f"VALUES[{metric!r}] is {_kind(raw)}, expected a number or a string")
+        readings.append(Reading(metric, raw, OSM_UNITS.get(measurement), t))
     return readings
 
 

@@ -108,7 +108,7 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     assert isinstance(options, OsmV2Options)
     if options.ports is not None and ctx.f_port is not None and ctx.f_port not in options.ports:
         return []
-    if payload == ALIVE_FRAME or len(payload) <= 1:
+    if payload == ALIVE_FRAME or not payload:
         return []
     if payload[0] not in VERSIONS:
         raise DecodeError(f"unknown protocol version {payload[0]} (expected 1 or 2)")

@@ -7,6 +7,7 @@ ChirpStack publishes `application/<app>/device/<devEui>/event/<type>` with the p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -127,17 +128,19 @@ def parse_osm(topic: str, payload: bytes, received_ms: int) -> Uplink:
     """Parse an OSM Wi-Fi/PoE message on `osm/<HWID>/measurements`.
 
     Only the `UNIX` field is read here (it names the record, for idempotent intake); the
-    `osm-json` codec decodes the rest, so a malformed body still reaches the device's dead
-    letters rather than vanishing.
+    `osm-json` codec decodes the rest (from the document parsed here, passed as `object`), so
+    a malformed body still reaches the device's dead letters rather than vanishing.
     """
     match = _OSM_TOPIC.match(topic)
     if not match:
         raise EventError(f"topic {topic!r} is not osm/<8 hex HWID>/measurements")
     hwid = match.group(1).upper()
     unix: Any = None
+    parsed: dict[str, Any] | None = None
     try:
         document = json.loads(payload)
         if isinstance(document, dict):
+            parsed = document
             unix = document.get("UNIX")
     except (ValueError, RecursionError):
         pass
@@ -152,6 +155,10 @@ def parse_osm(topic: str, payload: bytes, received_ms: int) -> Uplink:
         time_ms=received_ms,
         received_ms=received_ms,
         meta={"osm_id": hwid},
+        object=parsed,  # parsed once here; the osm-json codec takes it instead of parsing again
+        # The firmware splits a full measurement set into several messages, which may share a
+        # UNIX second: the payload's digest keeps a second fragment from passing as a redelivery.
+        dedup_key=f"{source}#{hashlib.sha256(payload).hexdigest()[:16]}",
     )
 
 
