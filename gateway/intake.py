@@ -12,7 +12,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -20,7 +20,7 @@ from gateway.buffer import Buffer, StoreResult
 from gateway.config.devices import DeviceMap
 from gateway.devices import resolve
 from gateway.errors import BufferFullError, EventError
-from gateway.model import DeadLetter, DeviceKey, DeviceLog, Outcome, Unmapped, Uplink
+from gateway.model import DeadLetter, DeviceKey, DeviceLog, Outcome, Unmapped
 from gateway.sources import Delivery, Parser
 from gateway.sources.events import Ignored
 
@@ -45,7 +45,6 @@ class IntakeStats:
     ignored: int = 0
     groups: int = 0
     blocked: bool = False
-    by_source: dict[str, int] = field(default_factory=dict)
 
     def add(self, result: StoreResult) -> None:
         self.uplinks += result.stored
@@ -132,8 +131,6 @@ class Intake:
         self.stats.add(result)
         self.stats.messages += len(group)
         self.stats.groups += 1
-        for delivery in group:
-            self.stats.by_source[delivery.source_name] = self.stats.by_source.get(delivery.source_name, 0) + 1
         if result.dead_letters:
             log.warning("dead letters stored", count=result.dead_letters)
         self.on_commit()
@@ -183,4 +180,4 @@ class Intake:
         return len(ids)
 
 
-__all__ = ["Intake", "IntakeStats", "Uplink"]
+__all__ = ["Intake", "IntakeStats"]

@@ -11,6 +11,7 @@ otherwise acknowledge a different message).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,7 +23,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.buffer import now_ms
 from gateway.config.settings import Broker
 
 log = structlog.get_logger("gateway.sources")
@@ -172,7 +172,7 @@ class MqttSource:
                 if qos > 0:
                     client.ack(mid, qos)
 
-        self._deliver(Delivery(self.name, message.topic, bytes(message.payload), now_ms(), ack))
+        self._deliver(Delivery(self.name, message.topic, bytes(message.payload), time.time_ns() // 1_000_000, ack))
 
 
 __all__ = ["Delivery", "MqttSource", "paho_client"]
