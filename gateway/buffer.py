@@ -25,11 +25,12 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from gateway import wire
-from gateway.errors import BufferFullError
+from gateway.errors import BufferFullError, DiskFullError
 from gateway.model import (
     Batch,
     DeadLetter,
@@ -47,6 +48,11 @@ DEAD_LETTERS_KEPT = 10_000
 UNMAPPED_KEPT = 10_000
 SEEN_KEPT_MS = 2 * 86_400_000  # redeliveries come within a session restart; two days is ample
 SEEN_KEPT_ROWS = 1_000_000
+SQLITE_MAGIC = b"SQLite format 3\x00"
+WAL_ALLOWANCE = 6 * 1024**2  # disk kept for the WAL: autocheckpoint at 1000 pages, plus a transaction
+DRAIN_RESERVE = 1024**2  # disk only the drain may use, so a full disk still drains (see `_cap`)
+QUICK_CHECK_AT_OPEN_MAX = 64 * 1024**2  # larger files are checked after READY (`integrity_problems`)
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uplinks (
@@ -133,6 +139,123 @@ def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
     return db
 
 
+# ---- damage -------------------------------------------------------------------------------
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True when SQLite says the file itself is broken (corrupt, or not a database at all)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    )
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when SQLite could not write because the filesystem is full (SQLITE_FULL)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and (
+        (code is not None and code & 0xFF == 13) or "full" in str(exc).lower()
+    )
+
+
+def file_damage(path: Path) -> str | None:
+    """What is wrong with the file's SQLite header or length, or None; cheap, reads 100 bytes.
+
+    Catches the usual damage of a power cut on an SD card: a file cut short (not a whole number
+    of pages, or fewer pages than its header counts) and a header that is not SQLite's.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None  # created but never written: SQLite makes it a new database
+    with path.open("rb") as f:
+        header = f.read(100)
+    if len(header) < 100:
+        return f"truncated: {size} bytes, shorter than the 100-byte SQLite header"
+    if header[:16] != SQLITE_MAGIC:
+        return "not an SQLite database: the file does not start with the SQLite header"
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        # Pages may live in the WAL only (an unfinished checkpoint, e.g. on a full disk, leaves
+        # the main file short of its header's count): the length says nothing; SQLite's own
+        # reading and quick_check judge.
+        return None
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"damaged header: page size {page_size} is impossible"
+    if size % page_size:
+        return f"truncated: {size} bytes is not a whole number of {page_size}-byte pages"
+    pages = int.from_bytes(header[28:32], "big")
+    if header[24:28] == header[92:96] and pages * page_size > size:
+        return f"truncated: the header counts {pages} pages, the file holds {size // page_size}"
+    return None
+
+
+def integrity_problems(path: Path, quick: bool = True, limit: int = 20) -> list[str]:
+    """Run SQLite's own check on the file, read-only (safe while the daemon runs).
+
+    `quick` runs `PRAGMA quick_check` (structure, no index-content cross-check: O(file));
+    otherwise `PRAGMA integrity_check`. Returns SQLite's complaints; empty when the file is sound.
+    """
+    damage = file_damage(path)
+    if damage is not None:
+        return [damage]
+    try:
+        db = connect(path, readonly=True)
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    try:
+        pragma = "quick_check" if quick else "integrity_check"
+        rows = db.execute(f"PRAGMA {pragma}({int(limit)})").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return [str(exc)]
+    finally:
+        db.close()
+    found = [str(r[0]) for r in rows]
+    return [] if found == ["ok"] else found
+
+
+def damage_marker(path: Path) -> Path:
+    """The file a running daemon leaves when it finds its buffer damaged (moved aside at start)."""
+    return path.with_name(path.name + ".damaged")
+
+
+def mark_damaged(path: Path, reason: str) -> None:
+    """Leave the damage marker, so the next start moves the file aside before using it."""
+    damage_marker(path).write_text(reason + "\n")
+
+
+def quarantine(path: Path, at: datetime | None = None) -> Path:
+    """Move a damaged buffer (and its -wal/-shm) aside under a timestamped name; return it."""
+    stamp = (at or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    # The -wal keeps the name SQLite looks for next to the moved file, so `sqlite3 <moved>`
+    # (and `.recover`) still sees the last committed transactions.
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    if path.exists():
+        path.rename(target)
+    damage_marker(path).unlink(missing_ok=True)
+    return target
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A damaged buffer found at start-up and moved aside; a new, empty buffer replaced it."""
+
+    moved_to: Path
+    reason: str
+
+
 @dataclass
 class Depth:
     """How much is waiting: uplinks not yet batched plus batches not yet confirmed."""
@@ -167,6 +290,8 @@ class StoreResult:
     unmapped: int = 0
     foreign: int = 0
     logs: int = 0
+    dropped: Gap | None = None  # drop-oldest made room for this group
+    taken: int = 0  # how many outcomes, from the first, were committed (stop-intake: maybe not all)
 
 
 @dataclass
@@ -186,6 +311,16 @@ class Gap:
         self.to_ms = to_ms if self.to_ms is None else max(self.to_ms, to_ms)
         if reason not in self.reasons:
             self.reasons.append(reason)
+
+    def log_fields(self) -> dict[str, Any]:
+        """The drop as fields of the log line that reports it."""
+        return {
+            "readings": self.readings,
+            "uplinks": self.uplinks,
+            "from_ms": self.from_ms,
+            "to_ms": self.to_ms,
+            "reason": ", ".join(self.reasons),
+        }
 
 
 def _uplink_json(uplink: Uplink) -> str:
@@ -248,13 +383,57 @@ class Buffer:
         self._live = Depth()
         self._gap = Gap()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = connect(self.path)
-        self._db.executescript(_SCHEMA)
-        self._init_state()
+        #: Set when the file was damaged at start-up and moved aside (the service says so loudly).
+        self.recovered: Recovered | None = None
+        self._page_size = 0
+        self._db = self._open()
         # Uplinks with id >= live_from are live; older ones are backlog (see `mark_live`).
         self.live_from = self._next_uplink_id()
         self._live = Depth()
         self._ratio = 0.2 if gzip else 1.0  # compressed / raw size, learnt from each batch
+
+    # ---- opening -----------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        """Open the file; a damaged one is moved aside and a new buffer started in its place.
+
+        Damage is: the marker a running daemon left (`mark_damaged`), a bad header or length
+        (`file_damage`), SQLite refusing the file, or (for files up to QUICK_CHECK_AT_OPEN_MAX;
+        larger ones are checked by the service after READY, to keep start-up fast)
+        `PRAGMA quick_check` finding fault.
+        """
+        marker = damage_marker(self.path)
+        reason = marker.read_text().strip() if marker.exists() else None
+        reason = reason or file_damage(self.path)
+        if reason is None:
+            db = connect(self.path)
+            try:
+                self._db = db
+                db.executescript(_SCHEMA)
+                self._init_state()
+                if self.path.stat().st_size <= QUICK_CHECK_AT_OPEN_MAX:
+                    rows = db.execute("PRAGMA quick_check(5)").fetchall()
+                    if [r[0] for r in rows] != ["ok"]:
+                        reason = "; ".join(str(r[0]) for r in rows)
+            except sqlite3.DatabaseError as exc:
+                if not is_damage(exc):
+                    db.close()
+                    raise
+                reason = str(exc)
+            if reason is None:
+                return db
+            db.close()
+        moved = quarantine(self.path)
+        self.recovered = Recovered(moved, reason)
+        db = connect(self.path)
+        self._db = db
+        db.executescript(_SCHEMA)
+        self._totals = {}
+        self._init_state()
+        with self._tx():
+            self._set_state("recovered", json.dumps({"moved_to": str(moved), "reason": reason, "at_ms": now_ms()}))
+            self._count("buffer_recovered")
+        return db
 
     # ---- state -------------------------------------------------------------------------
 
@@ -262,11 +441,11 @@ class Buffer:
         with self._tx():
             self._db.execute("INSERT OR IGNORE INTO state VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
-            if row is None:
-                totals = self._recount()
-                self._db.execute("INSERT INTO state VALUES ('totals', ?)", (json.dumps(totals),))
-        row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
-        self._totals = json.loads(row[0])
+            totals = json.loads(row[0]) if row is not None else self._recount()
+            if "seen" not in totals:
+                totals["seen"] = self._db.execute("SELECT count(*) FROM seen").fetchone()[0]
+            self._set_state("totals", json.dumps(totals))
+        self._totals = totals
         self._gap = Gap(**json.loads(self._get_state("gap") or "{}"))
 
     def _recount(self) -> dict[str, int]:
@@ -283,6 +462,7 @@ class Buffer:
             "batches": b[0],
             "batch_readings": b[1],
             "batch_bytes": b[2],
+            "seen": self._db.execute("SELECT count(*) FROM seen").fetchone()[0],
         }
 
     def _get_state(self, key: str) -> str | None:
@@ -310,18 +490,54 @@ class Buffer:
 
     # ---- intake ------------------------------------------------------------------------
 
+    # ---- room on disk --------------------------------------------------------------------
+    #
+    # A disk filled by the buffer's own backlog must still drain, and draining writes too (a
+    # batch row, WAL frames) before confirms free pages for reuse. So the buffer caps its own
+    # file (SQLite's max_page_count) below what the filesystem has: intake may grow it up to
+    # what is free less WAL_ALLOWANCE (the WAL's own growth) and DRAIN_RESERVE; the drain may
+    # use DRAIN_RESERVE too. Intake then meets SQLITE_FULL first, is held, and the drain
+    # frees pages that intake reuses.
+
+    def _cap(self, drain: bool) -> None:
+        fs = os.statvfs(self.path.parent)
+        free = fs.f_bavail * fs.f_frsize
+        wal = self.path.with_name(self.path.name + "-wal")
+        wal_needs = max(0, WAL_ALLOWANCE - (wal.stat().st_size if wal.exists() else 0))
+        pages, page_size = self._pages()
+        # Pages now only in the WAL take file space when a checkpoint copies them home.
+        unhomed = max(0, pages * page_size - self.path.stat().st_size)
+        room = free - unhomed - wal_needs - (0 if drain else DRAIN_RESERVE)
+        self._db.execute(f"PRAGMA max_page_count={pages + max(0, room // page_size)}")
+
+    def _pages(self) -> tuple[int, int]:
+        if self._page_size == 0:
+            self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        return int(self._db.execute("PRAGMA page_count").fetchone()[0]), self._page_size
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the file and truncate it, giving its space back (used when full)."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:
+                pass  # no room yet to copy the WAL's pages home; a later try may have it
+
     def over_limit(self) -> bool:
-        """True when `stop-intake` must hold intake: the buffer is at `max_size`."""
+        """True when intake must be held: the buffer is at `max_size` under `stop-intake`."""
         return self.when_full == "stop-intake" and self.depth().total_bytes >= self.max_size
 
     def store(self, outcomes: Iterable[Outcome | DeviceLog]) -> StoreResult:
         """Commit a group of intake outcomes durably, in one transaction.
 
-        Raises `BufferFullError` under `stop-intake` when the buffer is full, and when SQLite
-        reports the disk full; nothing of the group is then stored, so nothing may be acked.
+        Under `stop-intake` the uplinks that fit within `max_size` are committed, from the
+        first; `taken` says how many outcomes that was (the caller acks only those). Raises
+        `BufferFullError` when not even the first fits, and when SQLite reports the disk full;
+        nothing of the group is then stored, so nothing may be acked.
         """
+        outcomes = list(outcomes)
         if self.over_limit():
-            raise BufferFullError(f"buffer holds {self.depth().total_bytes} bytes, max_size {self.max_size}")
+            raise BufferFullError(f"buffer full: it holds {self.depth().total_bytes} bytes, max_size {self.max_size}")
         result = StoreResult()
         devices: dict[str, dict[str, Any]] = {}
 
@@ -334,22 +550,31 @@ class Buffer:
             d["sensor_id"] = sensor_id or d["sensor_id"]
             return d
 
+        result.taken = len(outcomes)
+        limited = self.when_full == "stop-intake"
         try:
             with self._tx():
+                self._cap(drain=False)
                 db = self._db
-                for o in outcomes:
+                for index, o in enumerate(outcomes):
                     if isinstance(o, DecodedUplink):
+                        series = wire.encode_series(o) if o.readings else ""
+                        if limited and series and self.depth().total_bytes + len(series) > self.max_size:
+                            if index == 0:
+                                raise BufferFullError(f"buffer full: max_size {self.max_size} bytes reached")
+                            result.taken = index
+                            break
                         key = o.dedup_key or o.source
                         cur = db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, o.received_ms))
                         if cur.rowcount == 0:
                             result.duplicates += 1
                             continue
+                        self._totals["seen"] += 1
                         d = dev(o.device, o.sensor_id, o.received_ms)
                         d["up"] += 1
                         d["rd"] += len(o.readings)
                         if not o.readings:
                             continue
-                        series = wire.encode_series(o)
                         cur = db.execute(
                             "INSERT INTO uplinks (source, sensor_id, received_ms, readings, series) VALUES (?,?,?,?,?)",
                             (o.source, o.sensor_id, o.received_ms, len(o.readings), series),
@@ -371,6 +596,7 @@ class Buffer:
                         if cur.rowcount == 0:
                             result.duplicates += 1
                             continue
+                        self._totals["seen"] += 1
                         db.execute(
                             "INSERT INTO dead_letters"
                             " (received_ms, device, sensor_id, source, topic, f_port, reason, payload)"
@@ -421,10 +647,15 @@ class Buffer:
                     )
                 if result.duplicates:
                     self._count("duplicate_uplinks", result.duplicates)
+                if self.when_full == "drop-oldest" and self.depth().total_bytes > self.max_size:
+                    # Keep max_size a hard bound between the service's periodic enforce_bounds:
+                    # drop the oldest stored uplinks now (formed batches are left to it).
+                    result.dropped = self._drop_to_fit(in_flight=None)
                 self._save_totals()
         except sqlite3.OperationalError as exc:
-            if "full" in str(exc).lower():
-                raise BufferFullError(f"disk full: {exc}") from exc
+            if is_disk_full(exc):
+                self.checkpoint()  # the WAL holds space a checkpoint gives back
+                raise DiskFullError(f"the disk holding {self.path} is full ({exc})") from exc
             raise
         return result
 
@@ -502,12 +733,17 @@ class Buffer:
             if not chosen:
                 return None
             with self._tx():
+                self._cap(drain=True)
                 return self._form(chosen, live)
 
     def _form(self, chosen: list[tuple[int, int, int, str]], live: bool) -> Batch:
         gateway_id, tenant_id, site_id = self._ids
-        seq = int(self._get_state("next_seq") or "1")
         created = now_ms()
+        # Batch ids must never repeat, even when the buffer file is replaced (moved aside when
+        # damaged, or deleted by hand): the sequence rises by one per batch but never lags the
+        # clock in milliseconds. Batches are formed far below one per millisecond, so it cannot
+        # run ahead of the clock, and a new file starts above every id an old one gave.
+        seq = max(int(self._get_state("next_seq") or "1"), created)
         gap = self._gap if self._gap.readings else None
         while True:
             header = wire.Header(
@@ -583,6 +819,7 @@ class Buffer:
     def confirm(self, seq: int, at_ms: int | None = None) -> None:
         """IoT Core acknowledged batch `seq`: delete it; record the time of the last publish."""
         with self._lock, self._tx():
+            self._cap(drain=True)
             row = self._db.execute("SELECT readings, length(payload) FROM batches WHERE seq=?", (seq,)).fetchone()
             if row is None:
                 return
@@ -598,6 +835,7 @@ class Buffer:
     def heartbeat(self, pid: int | None = None) -> None:
         """Record that the daemon is alive (shown by `status`)."""
         with self._lock, self._tx():
+            self._cap(drain=True)
             self._set_state("heartbeat_ms", str(now_ms()))
             self._set_state("pid", str(pid if pid is not None else os.getpid()))
 
@@ -615,41 +853,63 @@ class Buffer:
         dropped, or None; the drop is recorded as a gap for the next batch's `meta`.
         """
         at = now_ms() if at_ms is None else at_ms
-        dropped = Gap()
         with self._lock, self._tx():
+            self._cap(drain=True)
             cutoff = at - self.max_age_ms
-            self._drop_uplinks("received_ms < ?", (cutoff,), dropped, "max_age")
+            dropped = Gap()
+            # Uplinks are in intake order, so the expired ones are a prefix: find where it ends
+            # by walking from the oldest (cost: the rows dropped), not by scanning the table.
+            oldest = self._db.execute("SELECT received_ms FROM uplinks ORDER BY id LIMIT 1").fetchone()
+            if oldest is not None and oldest[0] < cutoff:
+                first_kept = self._db.execute(
+                    "SELECT id FROM uplinks WHERE received_ms >= ? ORDER BY id LIMIT 1", (cutoff,)
+                ).fetchone()
+                if first_kept is None:
+                    self._drop_uplinks("1", (), dropped, "max_age")
+                else:
+                    self._drop_uplinks("id < ?", (first_kept[0],), dropped, "max_age")
             self._drop_batches("oldest_ms < ?", (cutoff,), in_flight, dropped, "max_age")
             if self.when_full == "drop-oldest":
                 while self.depth().total_bytes > self.max_size:
-                    excess = self.depth().total_bytes - self.max_size
-                    if not self._drop_oldest(excess, in_flight, dropped):
+                    if not self._drop_oldest(self.depth().total_bytes - self.max_size, in_flight, dropped):
                         break
-            self._prune()
-            if dropped.readings:
-                self._gap.add(
-                    dropped.readings,
-                    dropped.uplinks,
-                    dropped.from_ms or 0,
-                    dropped.to_ms or 0,
-                    ", ".join(dropped.reasons),
-                )
-                self._set_state("gap", json.dumps(self._gap.__dict__))
-                self._count("dropped_readings", dropped.readings)
+            self._record_gap(dropped)
+            self._prune(at)
             self._save_totals()
         return dropped if dropped.readings else None
 
-    def _drop_oldest(self, excess: int, in_flight: Sequence[int], dropped: Gap) -> bool:
-        b = self._db.execute(
-            f"SELECT seq, oldest_ms FROM batches WHERE seq NOT IN ({','.join('?' * len(in_flight))})"
-            " ORDER BY seq LIMIT 1",
-            tuple(in_flight),
-        ).fetchone()
+    def _record_gap(self, dropped: Gap) -> None:
+        """Remember a drop for the next batch's `meta.gap`, and count it."""
+        if not dropped.readings:
+            return
+        self._gap.add(
+            dropped.readings, dropped.uplinks, dropped.from_ms or 0, dropped.to_ms or 0, ", ".join(dropped.reasons)
+        )
+        self._set_state("gap", json.dumps(self._gap.__dict__))
+        self._count("dropped_readings", dropped.readings)
+
+    def _drop_to_fit(self, in_flight: Sequence[int] | None) -> Gap | None:
+        """Drop the oldest until within max_size; `in_flight` None: only unbatched uplinks."""
+        dropped = Gap()
+        while self.depth().total_bytes > self.max_size:
+            if not self._drop_oldest(self.depth().total_bytes - self.max_size, in_flight, dropped):
+                break
+        self._record_gap(dropped)
+        return dropped if dropped.readings else None
+
+    def _drop_oldest(self, excess: int, in_flight: Sequence[int] | None, dropped: Gap) -> bool:
+        b = None
+        if in_flight is not None:
+            b = self._db.execute(
+                f"SELECT seq, oldest_ms FROM batches WHERE seq NOT IN ({','.join('?' * len(in_flight))})"
+                " ORDER BY seq LIMIT 1",
+                tuple(in_flight),
+            ).fetchone()
         u = self._db.execute("SELECT id, received_ms FROM uplinks ORDER BY id LIMIT 1").fetchone()
         if b is None and u is None:
             return False
         if u is None or (b is not None and b[1] <= u[1]):
-            assert b is not None
+            assert b is not None and in_flight is not None
             self._drop_batches("seq = ?", (b[0],), in_flight, dropped, "max_size")
             return True
         # Drop uplinks up to about `excess` bytes in one statement.
@@ -703,14 +963,17 @@ class Buffer:
             self._totals["batch_bytes"] -= size
             dropped.add(readings, 0, oldest, created, reason)
 
-    def _prune(self) -> None:
-        """Keep the bookkeeping tables bounded."""
+    def _prune(self, at_ms: int) -> None:
+        """Keep the bookkeeping tables bounded; each statement costs what it deletes."""
         db = self._db
-        db.execute("DELETE FROM seen WHERE received_ms < ?", (now_ms() - SEEN_KEPT_MS,))
-        db.execute(
-            "DELETE FROM seen WHERE source IN (SELECT source FROM seen ORDER BY received_ms DESC LIMIT -1 OFFSET ?)",
-            (SEEN_KEPT_ROWS,),
-        )
+        cur = db.execute("DELETE FROM seen WHERE received_ms < ?", (at_ms - SEEN_KEPT_MS,))
+        self._totals["seen"] -= max(0, cur.rowcount)
+        excess = self._totals["seen"] - SEEN_KEPT_ROWS
+        if excess > 0:
+            cur = db.execute(
+                "DELETE FROM seen WHERE source IN (SELECT source FROM seen ORDER BY received_ms LIMIT ?)", (excess,)
+            )
+            self._totals["seen"] -= max(0, cur.rowcount)
         db.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (DEAD_LETTERS_KEPT,))
         db.execute("DELETE FROM unmapped WHERE id <= (SELECT max(id) FROM unmapped) - ?", (UNMAPPED_KEPT,))
 
@@ -776,10 +1039,19 @@ class _Transaction:
         try:
             if self._outer:
                 if exc_type is None:
-                    b._db.execute("COMMIT")
+                    try:
+                        b._db.execute("COMMIT")  # may fail too (SQLITE_FULL appending to the WAL)
+                    except BaseException:
+                        self._undo()
+                        raise
                 else:
-                    b._db.execute("ROLLBACK")
-                    assert self._saved is not None
-                    b._totals, b._live, b._gap = self._saved
+                    self._undo()
         finally:
             b._lock.release()
+
+    def _undo(self) -> None:
+        b = self._buffer
+        if b._db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+            b._db.execute("ROLLBACK")
+        assert self._saved is not None
+        b._totals, b._live, b._gap = self._saved

@@ -31,11 +31,35 @@ def cmd_check(args: argparse.Namespace) -> int:
         n = len(exc.problems)
         print(f"{n} problem{'s' if n != 1 else ''} found in {path} and the files it names")
         return EXIT_PROBLEMS
+    buffer_path = config.settings.buffer.path
+    damage = buffer_problems(buffer_path)
+    for text in damage:
+        print(f"{buffer_path}: {text}")
+    if damage:
+        print(
+            f"{len(damage)} problem{'s' if len(damage) != 1 else ''} found in the buffer {buffer_path}; "
+            "`run` moves a damaged buffer aside and starts a new one"
+        )
+        return EXIT_PROBLEMS
     print(
         f"{path}: OK ({len(config.settings.sources)} sources, {len(config.devices)} devices, "
-        f"cloud {config.settings.cloud.kind})"
+        f"cloud {config.settings.cloud.kind}; buffer "
+        f"{'passes PRAGMA integrity_check' if buffer_path.exists() else 'not created yet'})"
     )
     return EXIT_OK
+
+
+def buffer_problems(path: Path) -> list[str]:
+    """`PRAGMA integrity_check` of the buffer file (read-only), and the damage marker."""
+    from gateway.buffer import damage_marker, integrity_problems
+
+    if not path.exists():
+        return []
+    problems = [f"integrity_check: {p}" for p in integrity_problems(path, quick=False)]
+    marker = damage_marker(path)
+    if marker.exists():
+        problems.append(f"the daemon found this file damaged ({marker.read_text().strip()})")
+    return problems
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -83,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     service = Service(config)
     service.install_signal_handlers()
     service.run()
-    return EXIT_OK
+    return service.exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -42,6 +42,10 @@ class BufferFullError(GatewayError):
     """The buffer cannot take more readings (stop-intake bound or the disk is full)."""
 
 
+class DiskFullError(BufferFullError):
+    """The filesystem holding the buffer is full (SQLITE_FULL): a smaller group may still fit."""
+
+
 class PublishError(GatewayError):
     """IoT Core (or the directory) did not accept a batch; keeps the MQTT reason code."""
 

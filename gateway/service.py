@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,15 @@ from types import FrameType
 
 import structlog
 
-from gateway.buffer import Buffer, now_ms
+from gateway.buffer import (
+    QUICK_CHECK_AT_OPEN_MAX,
+    Buffer,
+    integrity_problems,
+    is_damage,
+    is_disk_full,
+    mark_damaged,
+    now_ms,
+)
 from gateway.cloud import Publisher, PublishResult
 from gateway.cloud.directory import DirectoryPublisher
 from gateway.config import Config, ConfigError, device_map_files, load_device_maps
@@ -38,6 +47,9 @@ BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
 MAX_BACKOFF_S = 60.0
 SOURCES_READY_TIMEOUT_S = 10.0
+#: `run` exits with this when the buffer file is damaged; systemd restarts the daemon, and the
+#: new start moves the file aside (it finds the marker) and begins a new buffer.
+EXIT_BUFFER_DAMAGED = 3
 
 
 def open_buffer(settings: Settings) -> Buffer:
@@ -88,7 +100,7 @@ class Service:
         self.settings = s
         self.buffer = buffer or open_buffer(s)
         self.publisher = publisher or build_publisher(s)
-        self.intake = Intake(self.buffer, config.devices, {})
+        self.intake = Intake(self.buffer, config.devices, {}, commit_interval_s=s.buffer.commit_interval)
         if sources is None:
             built, parsers = build_sources(s, self.intake.deliver)
             for name, parser in parsers.items():
@@ -108,8 +120,13 @@ class Service:
         self._paused_until = 0.0
         self._max_delay_ms = int(s.batch.max_delay * 1000)
         self.intake.on_commit = self._wake.set
+        self.intake.on_damage = self._on_damage
         self.published_batches = 0
         self.stopped = threading.Event()
+        #: What `run` should exit with: 0, or EXIT_BUFFER_DAMAGED.
+        self.exit_code = 0
+        self._damage: str | None = None
+        self._disk_trouble: str | None = None
 
     # ---- control (any thread, signal handlers) ---------------------------------------------
 
@@ -138,9 +155,33 @@ class Service:
 
     # ---- the main loop ---------------------------------------------------------------------
 
+    def _on_damage(self, reason: str) -> None:
+        """Any thread: SQLite found the buffer damaged; the main loop stops the daemon."""
+        if self._damage is None:
+            self._damage = reason
+        self._stop.set()
+        self._wake.set()
+
+    def _check_integrity(self) -> None:
+        """Background thread after READY: SQLite's quick_check of the whole file (read-only)."""
+        started = time.monotonic()
+        problems = integrity_problems(self.buffer.path)
+        if problems:
+            self._on_damage("quick_check: " + "; ".join(problems[:5]))
+        else:
+            log.info("buffer integrity checked", seconds=round(time.monotonic() - started, 2))
+
     def run(self, progress: Callable[[Service], None] | None = None) -> None:
         """Start everything, loop until asked to stop, then stop cleanly within 5 s."""
         s = self.settings
+        recovered = self.buffer.recovered
+        if recovered is not None:
+            log.critical(
+                "BUFFER FILE DAMAGED: moved aside and a new, empty buffer started; readings not yet "
+                "sent are in the moved file (sqlite3 FILE .recover may salvage them)",
+                moved_to=str(recovered.moved_to),
+                reason=recovered.reason,
+            )
         for batch in self.buffer.pending():
             self._outbox[batch.seq] = _Outbox(batch)  # unconfirmed at the last stop: send again
         self.publisher.start()
@@ -163,6 +204,8 @@ class Service:
             unsent_batches=len(self._outbox),
         )
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        if self.buffer.path.stat().st_size > QUICK_CHECK_AT_OPEN_MAX:
+            threading.Thread(target=self._check_integrity, name="integrity-check", daemon=True).start()
         next_bounds = next_status = next_watchdog = time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(0.25)
@@ -171,21 +214,69 @@ class Service:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
-            self._collect_results()
-            self._publish_due()
-            if now >= next_bounds:
-                next_bounds = now + BOUNDS_EVERY_S
-                self._enforce_bounds()
+            try:
+                self._collect_results()
+                self._publish_due()
+                if now >= next_bounds:
+                    next_bounds = now + BOUNDS_EVERY_S
+                    self._enforce_bounds()
+                if now >= next_status:
+                    next_status = now + STATUS_EVERY_S
+                    self.notifier.notify(f"STATUS={self._status_line()}")
+                    self.buffer.heartbeat()
+                    if self._disk_trouble is not None:
+                        log.info("buffer writable again", after=self._disk_trouble)
+                        self._disk_trouble = None
+            except sqlite3.DatabaseError as exc:
+                self._buffer_error(exc)
             if self.notifier.watchdog_interval_s is not None and now >= next_watchdog:
                 next_watchdog = now + self.notifier.watchdog_interval_s
                 self.notifier.notify("WATCHDOG=1")
-            if now >= next_status:
-                next_status = now + STATUS_EVERY_S
-                self.notifier.notify(f"STATUS={self._status_line()}")
-                self.buffer.heartbeat()
             if progress is not None:
                 progress(self)
+        if self._damage is not None:
+            self._stop_damaged(self._damage)
+            return
         self._shutdown()
+
+    def _buffer_error(self, exc: sqlite3.DatabaseError) -> None:
+        """The main loop could not use the buffer: damaged (stop), or full/failing (retry)."""
+        if is_damage(exc):
+            self._on_damage(str(exc))
+            return
+        problem = "disk full" if is_disk_full(exc) else str(exc)
+        if is_disk_full(exc):
+            self.buffer.checkpoint()
+        if self._disk_trouble != problem:
+            self._disk_trouble = problem
+            log.error(
+                "cannot write the buffer; publishing and bounds wait, intake holds acknowledgements",
+                error=str(exc),
+                path=str(self.buffer.path),
+            )
+        self._paused_until = time.monotonic() + 1.0
+
+    def _stop_damaged(self, reason: str) -> None:
+        """Damage found while running: stop without touching the file; the restart moves it aside."""
+        log.critical(
+            "BUFFER FILE DAMAGED: stopping; the next start moves it aside and starts a new buffer",
+            reason=reason,
+            path=str(self.buffer.path),
+        )
+        self.notifier.notify("STOPPING=1", f"STATUS=buffer damaged: {reason}"[:200])
+        self.intake.stop(timeout_s=1.0)
+        for source in self.sources:
+            try:
+                source.stop()
+            except Exception:
+                log.exception("error stopping source", source=source.name)
+        self.publisher.stop(timeout_s=1.0)
+        try:
+            mark_damaged(self.buffer.path, reason)
+        except OSError:
+            log.exception("cannot leave the damage marker", path=str(self.buffer.path))
+        self.exit_code = EXIT_BUFFER_DAMAGED
+        self.stopped.set()
 
     def _publish_due(self) -> None:
         if not self.publisher.connected:
@@ -240,7 +331,13 @@ class Service:
             if batch is None:
                 continue
             if result.ok:
-                self.buffer.confirm(seq)
+                try:
+                    self.buffer.confirm(seq)
+                except sqlite3.DatabaseError:
+                    # Not confirmed yet (disk full, ...): keep it in flight and try again later.
+                    self._in_flight[seq] = batch
+                    self._results.put((seq, result))
+                    raise
                 self.published_batches += 1
                 self._failures = 0
                 log.debug("batch published", batch_id=batch.batch_id, readings=batch.readings, bytes=len(batch.payload))
@@ -264,14 +361,7 @@ class Service:
     def _enforce_bounds(self) -> None:
         gap = self.buffer.enforce_bounds(in_flight=[*self._in_flight, *self._outbox])
         if gap is not None:
-            log.warning(
-                "buffer bound reached: oldest readings dropped",
-                readings=gap.readings,
-                uplinks=gap.uplinks,
-                from_ms=gap.from_ms,
-                to_ms=gap.to_ms,
-                reason=", ".join(gap.reasons),
-            )
+            log.warning("buffer bound reached: oldest readings dropped", **gap.log_fields())
 
     def reload(self) -> None:
         """Reload device maps; a map that fails validation is rejected and the old one stays."""
@@ -289,10 +379,15 @@ class Service:
     def _status_line(self) -> str:
         depth = self.buffer.depth()
         cloud = "connected" if self.publisher.connected else "disconnected"
-        return (
+        line = (
             f"cloud {cloud}; backlog {depth.total_readings} readings; "
             f"{self.intake.stats.uplinks} uplinks in; {self.published_batches} batches out"
         )
+        if self.intake.stats.blocked or self._disk_trouble:
+            line += f"; INTAKE HELD ({self._disk_trouble or 'buffer full'})"
+        if self.buffer.recovered is not None:
+            line += f"; damaged buffer moved to {self.buffer.recovered.moved_to}"
+        return line
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + STOP_BUDGET_S - 0.5
@@ -304,7 +399,22 @@ class Service:
                 source.stop()
             except Exception:
                 log.exception("error stopping source", source=source.name)
-        # Flush: everything committed goes out now, if the cloud is there to take it.
+        try:
+            self._flush(deadline)
+        except sqlite3.DatabaseError as exc:
+            log.error("cannot flush the buffer while stopping; unsent readings stay stored", error=str(exc))
+        self.publisher.stop(timeout_s=max(0.1, deadline - time.monotonic()))
+        try:
+            self._collect_results()
+        except sqlite3.DatabaseError as exc:
+            log.error("cannot confirm the last batches; they are sent again at the next start", error=str(exc))
+        depth = self.buffer.depth()
+        self.buffer.close()
+        log.info("stopped", unsent_readings=depth.total_readings, at_ms=now_ms())
+        self.stopped.set()
+
+    def _flush(self, deadline: float) -> None:
+        """Stopping: everything committed goes out now, if the cloud is there to take it."""
         while time.monotonic() < deadline - 1.0:
             self._collect_results()
             if self.publisher.connected and time.monotonic() >= self._paused_until:
@@ -321,9 +431,3 @@ class Service:
             self._wake.wait(0.05)
             self._wake.clear()
         self._collect_results()
-        self.publisher.stop(timeout_s=max(0.1, deadline - time.monotonic()))
-        self._collect_results()
-        depth = self.buffer.depth()
-        self.buffer.close()
-        log.info("stopped", unsent_readings=depth.total_readings, at_ms=now_ms())
-        self.stopped.set()

@@ -33,8 +33,9 @@ def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
     totals = json.loads(state.get("totals", "{}"))
     counters = {row["name"]: row["value"] for row in db["counters"].rows}
     oldest = db.execute(
-        "SELECT min(t) FROM (SELECT min(received_ms) AS t FROM uplinks UNION ALL SELECT min(oldest_ms) FROM batches)"
-    ).fetchone()[0]
+        "SELECT min(t) FROM (SELECT (SELECT received_ms FROM uplinks ORDER BY id LIMIT 1) AS t"
+        " UNION ALL SELECT min(oldest_ms) FROM batches)"
+    ).fetchone()[0]  # uplinks are in intake order: the first row is the oldest, found without a scan
     now = now_ms()
     heartbeat = int(state["heartbeat_ms"]) if "heartbeat_ms" in state else None
     pid = int(state["pid"]) if "pid" in state else None
@@ -79,6 +80,7 @@ def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
         "unmapped_uplinks": unmapped,
         "counters": counters,
         "gap_pending": json.loads(state.get("gap", "{}")),
+        "recovered": json.loads(state["recovered"]) if "recovered" in state else None,
         "devices": devices,
     }
 
@@ -110,8 +112,14 @@ def format_status(report: dict[str, Any]) -> str:
         f"dead letters:  {report['dead_letters']['total']}",
         f"unmapped:      {report['unmapped_uplinks']} uplinks from devices in no map (kept for replay)",
     ]
+    if report.get("recovered"):
+        r = report["recovered"]
+        lines.append(
+            f"DAMAGED BUFFER moved aside {_age(r['at_ms'], now)} to {r['moved_to']} ({r['reason']}); "
+            "unsent readings may be salvaged from it with `sqlite3 FILE .recover`"
+        )
     for key, value in sorted(report["counters"].items()):
-        if key.startswith(("puback_refused", "publish_failed", "dropped", "foreign", "duplicate")):
+        if key.startswith(("puback_refused", "publish_failed", "dropped", "foreign", "duplicate", "buffer_")):
             lines.append(f"  {key}: {value}")
     for letter in report["dead_letters"]["latest"]:
         lines.append(f"  dead letter {_age(letter['received_ms'], now)} {letter['device']}: {letter['reason']}")
@@ -127,7 +135,6 @@ def format_status(report: dict[str, Any]) -> str:
                 extra.append(f"{dev['foreign_tenant']} from another tenant")
             lines.append(
                 f"  {dev['device']:<28} {dev['sensor_id'] or '(unmapped)':<24} "
-                f"last seen {_age(dev['last_seen_ms'], now)}"
-                + (f"; {', '.join(extra)}" if extra else "")
+                f"last seen {_age(dev['last_seen_ms'], now)}" + (f"; {', '.join(extra)}" if extra else "")
             )
     return "\n".join(lines)

@@ -35,9 +35,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCerts:
 
 @pytest.fixture
 def local_broker(tmp_path: Path, mosquitto_executable: str) -> Iterator[Mosquitto]:
-    """ChirpStack's broker: plain MQTT on loopback, persistence on, started."""
-    broker = Mosquitto(tmp_path / "local-broker", persistence=True,
-                       executable=mosquitto_executable)
+    """ChirpStack's broker as the README sets it up: plain MQTT on loopback, persistence on, a
+    queue of 100,000 messages per session (Mosquitto's default of 1000 drops the rest while the
+    gateway holds acks), started."""
+    broker = Mosquitto(
+        tmp_path / "local-broker", persistence=True, max_queued_messages=100_000, executable=mosquitto_executable
+    )
     with broker:
         yield broker
 

@@ -4,14 +4,17 @@ the size limit, deleted only on confirm, bounds with a recorded gap."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from gateway import buffer as buffer_module
 from gateway import wire
-from gateway.buffer import Buffer, now_ms
-from gateway.errors import BufferFullError
+from gateway.buffer import Buffer, damage_marker, integrity_problems, mark_damaged, now_ms
+from gateway.errors import BufferFullError, DiskFullError
 from gateway.model import DeadLetter, DecodedUplink, DeviceKey, Reading
 
 DEV = DeviceKey("dev_eui", "70b3d57ed0001234")
@@ -50,7 +53,7 @@ def test_readings_survive_reopen_and_batches_keep_their_id(tmp_path: Path) -> No
     b = make(tmp_path)
     b.store([uplink(i) for i in range(10)])
     batch = b.take(live=True)
-    assert batch is not None and batch.batch_id == "gw-t-01-000000000001" and batch.readings == 30
+    assert batch is not None and batch.batch_id == f"gw-t-01-{batch.seq:012d}" and batch.readings == 30
     b.store([uplink(100)])
     b.close()
     b = make(tmp_path)
@@ -58,7 +61,7 @@ def test_readings_survive_reopen_and_batches_keep_their_id(tmp_path: Path) -> No
     assert pending.batch_id == batch.batch_id and pending.payload == batch.payload
     assert b.depth().readings == 3 and b.depth().total_readings == 33
     nxt = b.take(live=False)
-    assert nxt is not None and nxt.batch_id == "gw-t-01-000000000002"
+    assert nxt is not None and nxt.seq > batch.seq and nxt.batch_id == f"gw-t-01-{nxt.seq:012d}"
 
 
 def test_confirm_deletes_only_the_confirmed_batch(tmp_path: Path) -> None:
@@ -124,14 +127,14 @@ def test_live_due_after_max_delay(tmp_path: Path) -> None:
 
 
 def test_drop_oldest_keeps_size_bound_and_reports_gap(tmp_path: Path) -> None:
-    """Over max_size the oldest readings go, and the next batch's meta says how many and when."""
+    """Over max_size the oldest readings go at once, and the next batch's meta says how many and when."""
     b = make(tmp_path, max_size=8_000, gzip=False)
     start = now_ms() - 10_000
-    b.store([uplink(i, readings=5, received_ms=start) for i in range(100)])
-    assert b.depth().total_bytes > 8_000
-    gap = b.enforce_bounds()
-    assert gap is not None and gap.readings > 0 and "max_size" in gap.reasons
+    result = b.store([uplink(i, readings=5, received_ms=start) for i in range(100)])
+    gap = result.dropped
+    assert gap is not None and gap.readings > 0 and gap.reasons == ["max_size"]
     assert b.depth().total_bytes <= 8_000
+    assert b.depth().readings + gap.readings == 500
     batch = b.take(live=True)
     assert batch is not None
     message = wire.decode_message(batch.payload)
@@ -141,6 +144,20 @@ def test_drop_oldest_keeps_size_bound_and_reports_gap(tmp_path: Path) -> None:
     assert first_kept == f"chirpstack/{gap.uplinks}"
     second = b.take(live=True)
     assert second is None or "meta" not in wire.decode_message(second.payload)
+
+
+def test_enforce_bounds_drops_formed_batches_but_never_one_in_flight(tmp_path: Path) -> None:
+    """A formed batch counts towards max_size and goes oldest first, unless it is in flight."""
+    b = make(tmp_path, gzip=False)
+    b.store([uplink(i, readings=5, received_ms=now_ms()) for i in range(10)])
+    old = b.take(live=True)
+    b.store([uplink(i, readings=5, received_ms=now_ms()) for i in range(10, 20)])
+    flying = b.take(live=True)
+    assert old is not None and flying is not None
+    b.max_size = len(flying.payload)
+    gap = b.enforce_bounds(in_flight=[flying.seq])
+    assert gap is not None and gap.readings == old.readings
+    assert [p.seq for p in b.pending()] == [flying.seq]
 
 
 def test_max_age_drops_old_readings_but_not_batches_in_flight(tmp_path: Path) -> None:
@@ -200,3 +217,124 @@ def test_totals_match_the_file_after_a_failed_transaction(tmp_path: Path) -> Non
     b.close()
     state = sqlite3.connect(tmp_path / "b.db").execute("SELECT value FROM state WHERE key='totals'").fetchone()[0]
     assert json.loads(state)["readings"] == 3
+
+
+def test_batch_ids_never_repeat_when_the_file_is_replaced(tmp_path: Path) -> None:
+    """A new buffer file (the old one moved aside or deleted) never reuses an earlier batch id."""
+    b = make(tmp_path)
+    b.store([uplink(1)])
+    first = b.take(live=True)
+    assert first is not None
+    b.close()
+    for side in tmp_path.glob("b.db*"):
+        side.unlink()
+    b = make(tmp_path)
+    b.store([uplink(2)])
+    again = b.take(live=True)
+    assert again is not None and again.seq > first.seq
+
+
+def filled(tmp_path: Path, uplinks: int = 200) -> Path:
+    b = make(tmp_path)
+    b.store([uplink(i, readings=10) for i in range(uplinks)])
+    b.close()
+    return tmp_path / "b.db"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate-mid-page", "truncate-pages", "garbage", "zeroed-page"],
+)
+def test_a_damaged_file_is_moved_aside_and_a_new_buffer_starts(tmp_path: Path, damage: str) -> None:
+    """Truncated, overwritten or non-SQLite buffer files are detected at open, renamed with a
+    timestamp, and replaced by an empty buffer that records what happened."""
+    path = filled(tmp_path)
+    data = path.read_bytes()
+    if damage == "truncate-mid-page":
+        path.write_bytes(data[: len(data) // 2 + 100])
+    elif damage == "truncate-pages":
+        path.write_bytes(data[: (len(data) // 4096 // 2) * 4096])
+    elif damage == "garbage":
+        path.write_bytes(b"this is not a database\n" * 500)
+    else:  # a page of the uplinks table zeroed, as a failing SD card might leave it
+        path.write_bytes(data[: 4096 * 3] + bytes(4096) + data[4096 * 4 :])
+    b = make(tmp_path)
+    assert b.recovered is not None
+    moved = b.recovered.moved_to
+    assert re.fullmatch(r"b\.db\.corrupt-\d{8}T\d{6}Z", moved.name)
+    assert moved.exists() and moved.stat().st_size > 0
+    assert b.depth().total_readings == 0
+    b.store([uplink(1)])
+    assert b.depth().readings == 3
+    b.close()
+    status = sqlite3.connect(path).execute("SELECT value FROM state WHERE key='recovered'").fetchone()
+    assert json.loads(status[0])["moved_to"] == str(moved)
+
+
+def test_a_sound_file_is_not_moved(tmp_path: Path) -> None:
+    """A file that passes the checks is opened as it is, backlog intact."""
+    filled(tmp_path)
+    b = make(tmp_path)
+    assert b.recovered is None and b.depth().readings == 2000
+    assert integrity_problems(tmp_path / "b.db", quick=False) == []
+
+
+def test_the_damage_marker_moves_the_file_aside_at_next_open(tmp_path: Path) -> None:
+    """Damage a running daemon found (it leaves a marker and exits) is acted on at the next start."""
+    path = filled(tmp_path)
+    mark_damaged(path, "database disk image is malformed")
+    b = make(tmp_path)
+    assert b.recovered is not None and b.recovered.reason == "database disk image is malformed"
+    assert not damage_marker(path).exists()
+
+
+def test_integrity_problems_reports_what_sqlite_finds(tmp_path: Path) -> None:
+    """`check`'s integrity check names the damage in a file that still opens."""
+    path = filled(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[4096 * 1 : 4096 * 1 + 12] = b"\x07" * 12  # page 2 (the uplinks table's root): no such page type
+    path.write_bytes(bytes(data))
+    problems = integrity_problems(path, quick=False)
+    assert problems and all(isinstance(p, str) for p in problems)
+
+
+def test_a_full_disk_refuses_intake_whole_but_leaves_the_drain_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the filesystem (as statvfs reports it) nearly full, a group that does not fit is
+    refused whole (DiskFullError, nothing stored); the drain may still use the room held back
+    for it; with room again the group is taken."""
+    b = make(tmp_path)
+    b.store([uplink(i, received_ms=now_ms()) for i in range(10)])
+    free = {"bytes": buffer_module.WAL_ALLOWANCE + buffer_module.DRAIN_RESERVE + 8192}
+    real = os.statvfs
+
+    class Fs:
+        f_frsize = 1
+
+        @property
+        def f_bavail(self) -> int:
+            return free["bytes"]
+
+    monkeypatch.setattr(buffer_module.os, "statvfs", lambda path: Fs())
+    before = b.depth()
+    with pytest.raises(DiskFullError, match="full"):
+        b.store([uplink(100 + i, readings=200) for i in range(50)])
+    assert b.depth() == before
+    batch = b.take(live=True)  # the drain has DRAIN_RESERVE more
+    assert batch is not None
+    b.confirm(batch.seq)
+    free["bytes"] = real(tmp_path).f_bavail * real(tmp_path).f_frsize
+    assert b.store([uplink(100 + i, readings=200) for i in range(50)]).stored == 50
+
+
+def test_idempotency_keys_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `seen` table keeps at most SEEN_KEPT_ROWS keys (the newest), and its count stays exact."""
+    monkeypatch.setattr(buffer_module, "SEEN_KEPT_ROWS", 50)
+    b = make(tmp_path)
+    b.store([uplink(i, received_ms=now_ms()) for i in range(120)])
+    b.enforce_bounds()
+    rows = b._db.execute("SELECT source FROM seen ORDER BY received_ms").fetchall()
+    assert len(rows) == 50 and rows[0][0] == "chirpstack/70"
+    assert b._totals["seen"] == 50
+    assert b.store([uplink(119, received_ms=now_ms())]).duplicates == 1  # recent keys still dedupe

@@ -82,3 +82,58 @@ def test_schema_prints_both_schemas(capsys: pytest.CaptureFixture[str]) -> None:
     schemas = json.loads(capsys.readouterr().out)
     assert set(schemas) == {"gateway", "devices"}
     assert schemas["gateway"]["additionalProperties"] is False
+
+
+def _site(tmp_path: Path) -> Path:
+    (tmp_path / "devices").mkdir(exist_ok=True)
+    (tmp_path / "devices" / "a.yaml").write_text("devices: []\n")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
+        "sources: [{kind: chirpstack}]\n"
+        "cloud: {kind: directory, directory: out}\n"
+        "buffer: {path: buffer.db}\n"
+    )
+    return cfg
+
+
+def _fill(path: Path) -> None:
+    dev = DeviceKey("dev_eui", "70b3d57ed0001234")
+    b = Buffer(path, "gw-t-01", "acme", "leeds")
+    t = now_ms()
+    b.store(
+        [
+            DecodedUplink(
+                f"chirpstack/{i}", "press", dev, t, {}, tuple(Reading("CC1", j, "mA", t + j) for j in range(50))
+            )
+            for i in range(100)
+        ]
+    )
+    b.close()
+
+
+def test_check_runs_the_buffers_integrity_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`check` passes a sound buffer and, for a damaged one, prints what SQLite found and exits 1."""
+    cfg = _site(tmp_path)
+    _fill(tmp_path / "buffer.db")
+    assert main(["check", "-c", str(cfg)]) == 0
+    assert "passes PRAGMA integrity_check" in capsys.readouterr().out
+    data = bytearray((tmp_path / "buffer.db").read_bytes())
+    data[4096:4108] = b"\x07" * 12  # the root page of the uplinks table: no such page type
+    (tmp_path / "buffer.db").write_bytes(bytes(data))
+    assert main(["check", "-c", str(cfg)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{tmp_path / 'buffer.db'}: integrity_check: ")
+    assert "problem" in out[-1] and "moves a damaged buffer aside" in out[-1]
+
+
+def test_status_says_loudly_that_a_damaged_buffer_was_moved_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a damaged buffer was replaced, `status` names the moved file and why."""
+    cfg = _site(tmp_path)
+    (tmp_path / "buffer.db").write_bytes(b"\0" * 5000)
+    Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds").close()
+    assert main(["status", "-c", str(cfg)]) == 0
+    text = capsys.readouterr().out
+    assert "DAMAGED BUFFER moved aside" in text and "buffer.db.corrupt-" in text and "not an SQLite database" in text

@@ -161,6 +161,13 @@ class BufferSettings(Strict):
         description="drop-oldest: delete the oldest readings and report a gap; stop-intake: stop "
         "acknowledging upstream so the local broker holds the data.",
     )
+    commit_interval: Duration = Field(
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description="Intake gathers what arrives within this window into one durable commit (one "
+        "fsync) before acknowledging it upstream: fewer writes to flash; 0 commits each group at once.",
+    )
 
 
 class BatchSettings(Strict):

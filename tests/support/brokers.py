@@ -342,6 +342,7 @@ class ReceivedMessage:
     payload_format_indicator: int | None
     message_expiry_interval: int | None
     properties: Properties | None = field(compare=False, repr=False)
+    received_at: float = field(default=0.0, compare=False, repr=False)  # time.monotonic() on arrival
 
 
 _client_numbers = itertools.count(1)
@@ -536,6 +537,7 @@ class Subscriber:
             payload_format_indicator=getattr(props, "PayloadFormatIndicator", None),
             message_expiry_interval=getattr(props, "MessageExpiryInterval", None),
             properties=props,
+            received_at=time.monotonic(),
         )
         with self._condition:
             self._messages.append(received)

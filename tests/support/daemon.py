@@ -38,6 +38,9 @@ class Daemon:
         encoding: str = "json",
         max_delay: str = "200ms",
         extra_yaml: str = "",
+        batch_yaml: str | None = None,
+        buffer_yaml: str = "",
+        buffer_path: Path | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +64,8 @@ cloud:
   ca: {certs.ca_cert}
   cert: {client.cert}
   key: {client.key}
-buffer: {{path: {workdir / "buffer.db"}}}
-batch: {{max_delay: {max_delay}, max_bytes: 120KiB, compression: gzip}}
+buffer: {{path: {buffer_path or workdir / "buffer.db"}{", " + buffer_yaml if buffer_yaml else ""}}}
+batch: {batch_yaml or f"{{max_delay: {max_delay}, max_bytes: 120KiB, compression: gzip}}"}
 log: {{level: debug, format: json}}
 {extra_yaml}"""
         )
@@ -73,6 +76,7 @@ log: {{level: debug, format: json}}
 
     def start(self, timeout: float = 30.0) -> Daemon:
         """Start the daemon and wait for READY=1 on the notify socket."""
+        self.notifications = []  # a new process: its READY=1 is still to come
         sock_path = self.workdir / f"notify-{time.monotonic_ns()}.sock"
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(sock_path))
