@@ -10,7 +10,8 @@ resident memory and start-up time as the backlog grows to 10 million readings.
 2. drain: readings/s through `take` + `confirm` (batch formed, gzip, stored, deleted).
 3. daemon: `hub-gateway run` as a real process (local Mosquitto up, cloud unreachable so the
    backlog stays); the buffer file grows step by step to --readings (filled between runs
-   through the Buffer interface, which is much faster than the broker); at each step the
+   through the Buffer interface, much faster than the broker, and packed into batches as the
+   running daemon packs a long backlog, `Buffer.compact`); at each step the
    daemon is started, its time to READY=1 (systemd notify socket) taken, and its resident
    memory read from /proc after it has run its bounds and status work. Target: READY < 2 s
    and RSS flat (within 10 MB) from 0 to 10 million.
@@ -150,6 +151,7 @@ def bench_daemon(where: Path, target: int, step: int) -> list[tuple[int, float, 
             while stored < goal:
                 count = min(5000, (goal - stored) // READINGS_PER_UPLINK) or 1
                 b.store(uplinks(n, count, now_ms()))
+                b.compact(max_batches=1000)  # as the running daemon does while the cloud is away
                 n += count
                 stored += count * READINGS_PER_UPLINK
             b.close()

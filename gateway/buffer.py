@@ -51,6 +51,7 @@ SEEN_KEPT_ROWS = 1_000_000
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_ALLOWANCE = 6 * 1024**2  # disk kept for the WAL: autocheckpoint at 1000 pages, plus a transaction
 DRAIN_RESERVE = 1024**2  # disk only the drain may use, so a full disk still drains (see `_cap`)
+COMPACT_ABOVE = 8 * 1024**2  # unbatched series text beyond this is packed into batches (`compact`)
 QUICK_CHECK_AT_OPEN_MAX = 64 * 1024**2  # larger files are checked after READY (`integrity_problems`)
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
@@ -388,7 +389,8 @@ class Buffer:
         self._page_size = 0
         self._db = self._open()
         # Uplinks with id >= live_from are live; older ones are backlog (see `mark_live`).
-        self.live_from = self._next_uplink_id()
+        self._next_id = self._next_uplink_id()
+        self.live_from = self._next_id
         self._live = Depth()
         self._ratio = 0.2 if gzip else 1.0  # compressed / raw size, learnt from each batch
 
@@ -552,9 +554,33 @@ class Buffer:
 
         result.taken = len(outcomes)
         limited = self.when_full == "stop-intake"
+        rows: list[tuple[int, str, str, int, int, str]] = []
+        seen_rows: list[tuple[str, int]] = []
+        # Idempotency keys: one query for the group's keys already stored, one insert of the
+        # new ones (rather than a statement per uplink).
+        keys = [
+            (o.dedup_key or o.source) if isinstance(o, DecodedUplink) else o.source
+            for o in outcomes
+            if isinstance(o, DecodedUplink | DeadLetter)
+        ]
+        known: set[str] = set()  # filled inside the transaction, so no other store interleaves
+
+        def first_seen(key: str, received_ms: int) -> bool:
+            if key in known:
+                return False
+            known.add(key)  # a second copy within this group is a duplicate too
+            seen_rows.append((key, received_ms))
+            return True
+
         try:
             with self._tx():
                 self._cap(drain=False)
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i : i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    known.update(
+                        r[0] for r in self._db.execute(f"SELECT source FROM seen WHERE source IN ({marks})", chunk)
+                    )
                 db = self._db
                 for index, o in enumerate(outcomes):
                     if isinstance(o, DecodedUplink):
@@ -564,39 +590,33 @@ class Buffer:
                                 raise BufferFullError(f"buffer full: max_size {self.max_size} bytes reached")
                             result.taken = index
                             break
-                        key = o.dedup_key or o.source
-                        cur = db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, o.received_ms))
-                        if cur.rowcount == 0:
+                        if not first_seen(o.dedup_key or o.source, o.received_ms):
                             result.duplicates += 1
                             continue
-                        self._totals["seen"] += 1
                         d = dev(o.device, o.sensor_id, o.received_ms)
                         d["up"] += 1
                         d["rd"] += len(o.readings)
                         if not o.readings:
                             continue
-                        cur = db.execute(
-                            "INSERT INTO uplinks (source, sensor_id, received_ms, readings, series) VALUES (?,?,?,?,?)",
-                            (o.source, o.sensor_id, o.received_ms, len(o.readings), series),
-                        )
+                        # Ids are given here, rising within a run even when the table empties
+                        # (SQLite would reuse low ids), so every new uplink is >= live_from: live.
+                        rows.append((self._next_id, o.source, o.sensor_id, o.received_ms, len(o.readings), series))
+                        self._next_id += 1
                         size = len(series)
                         self._totals["uplinks"] += 1
                         self._totals["readings"] += len(o.readings)
                         self._totals["bytes"] += size
-                        if cur.lastrowid is not None and cur.lastrowid >= self.live_from:
-                            self._live.uplinks += 1
-                            self._live.readings += len(o.readings)
-                            self._live.bytes += size
-                            if self._live.oldest_ms is None:
-                                self._live.oldest_ms = o.received_ms
+                        self._live.uplinks += 1
+                        self._live.readings += len(o.readings)
+                        self._live.bytes += size
+                        if self._live.oldest_ms is None:
+                            self._live.oldest_ms = o.received_ms
                         result.stored += 1
                         result.readings += len(o.readings)
                     elif isinstance(o, DeadLetter):
-                        cur = db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (o.source, o.received_ms))
-                        if cur.rowcount == 0:
+                        if not first_seen(o.source, o.received_ms):
                             result.duplicates += 1
                             continue
-                        self._totals["seen"] += 1
                         db.execute(
                             "INSERT INTO dead_letters"
                             " (received_ms, device, sensor_id, source, topic, f_port, reason, payload)"
@@ -633,6 +653,12 @@ class Buffer:
                         d = dev(o.device, None, o.received_ms)
                         d["log"] += 1
                         d["lastlog"] = f"{o.level} {o.code}: {o.description}"[:300]
+                db.executemany("INSERT INTO seen VALUES (?, ?)", seen_rows)
+                self._totals["seen"] += len(seen_rows)
+                db.executemany(
+                    "INSERT INTO uplinks (id, source, sensor_id, received_ms, readings, series) VALUES (?,?,?,?,?,?)",
+                    rows,
+                )
                 for key, d in devices.items():
                     db.execute(
                         "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
@@ -664,7 +690,7 @@ class Buffer:
     def mark_live(self) -> None:
         """Call when the cloud (re)connects: what is stored now is backlog, what comes is live."""
         with self._lock:
-            self.live_from = self._next_uplink_id()
+            self.live_from = self._next_id
             self._live = Depth()
 
     def depth(self, live: bool | None = None) -> Depth:
@@ -793,6 +819,46 @@ class Buffer:
         self._save_totals()
         return Batch(
             seq=seq, batch_id=header.batch_id, payload=payload, readings=readings, gzip=self.gzip, created_ms=created
+        )
+
+    def compact(self, max_batches: int = 4) -> list[int]:
+        """Pack the oldest unbatched uplinks into formed (gzip) batches while more than
+        COMPACT_ABOVE bytes of them wait; return the new batches' seqs (at most max_batches).
+
+        A long outage then sits on disk as the messages that will be sent, about a tenth of
+        the size of the series text (so a weekend fits in max_size), and the drain afterwards
+        is publish and confirm only. In normal operation live batches leave within max_delay
+        and this does nothing.
+        """
+        seqs: list[int] = []
+        with self._lock:
+            while len(seqs) < max_batches and self._totals["bytes"] > COMPACT_ABOVE:
+                batch = self.take(live=self.depth(live=False).uplinks == 0)
+                if batch is None:
+                    break
+                seqs.append(batch.seq)
+        return seqs
+
+    def pending_seqs(self) -> list[int]:
+        """Seqs of the formed batches not yet confirmed, oldest first (payloads stay on disk)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT seq FROM batches ORDER BY seq")]
+
+    def batch(self, seq: int) -> Batch | None:
+        """One formed batch, exactly as it will be (re)published; None if it is gone (dropped)."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT seq, created_ms, readings, gzip, payload FROM batches WHERE seq=?", (seq,)
+            ).fetchone()
+        if r is None:
+            return None
+        return Batch(
+            seq=r[0],
+            batch_id=f"{self._ids[0]}-{r[0]:012d}",
+            payload=bytes(r[4]),
+            readings=r[2],
+            gzip=bool(r[3]),
+            created_ms=r[1],
         )
 
     def pending(self, exclude: Iterable[int] = ()) -> list[Batch]:
@@ -1020,14 +1086,14 @@ class _Transaction:
     def __init__(self, buffer: Buffer) -> None:
         self._buffer = buffer
         self._outer = False
-        self._saved: tuple[dict[str, int], Depth, Gap] | None = None
+        self._saved: tuple[dict[str, int], Depth, Gap, int] | None = None
 
     def __enter__(self) -> None:
         b = self._buffer
         b._lock.acquire()
         self._outer = not b._db.in_transaction
         if self._outer:
-            self._saved = (dict(b._totals), copy.copy(b._live), copy.deepcopy(b._gap))
+            self._saved = (dict(b._totals), copy.copy(b._live), copy.deepcopy(b._gap), getattr(b, "_next_id", 1))
             try:
                 b._db.execute("BEGIN IMMEDIATE")
             except BaseException:
@@ -1054,4 +1120,4 @@ class _Transaction:
         if b._db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
             b._db.execute("ROLLBACK")
         assert self._saved is not None
-        b._totals, b._live, b._gap = self._saved
+        b._totals, b._live, b._gap, b._next_id = self._saved

@@ -17,7 +17,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import FrameType
 
 import structlog
@@ -77,14 +76,6 @@ def build_publisher(settings: Settings) -> Publisher:
     return IotCorePublisher(cloud, client_id=settings.gateway.id, topic=cloud.topic_for(settings.gateway))
 
 
-@dataclass
-class _Outbox:
-    """Formed batches not in flight, and when each may be tried again."""
-
-    batch: Batch
-    not_before: float = 0.0
-
-
 class Service:
     """One running gateway."""
 
@@ -114,7 +105,9 @@ class Service:
         self._reload = threading.Event()
         self._results: queue.Queue[tuple[int, PublishResult]] = queue.Queue()
         self._in_flight: dict[int, Batch] = {}
-        self._outbox: dict[int, _Outbox] = {}
+        #: Formed batches not in flight (seq -> not before, monotonic): unconfirmed at the last
+        #: stop, refused, or packed from a long backlog. Payloads stay on disk until sent.
+        self._outbox: dict[int, float] = {}
         self._epoch = -1
         self._failures = 0
         self._paused_until = 0.0
@@ -182,8 +175,8 @@ class Service:
                 moved_to=str(recovered.moved_to),
                 reason=recovered.reason,
             )
-        for batch in self.buffer.pending():
-            self._outbox[batch.seq] = _Outbox(batch)  # unconfirmed at the last stop: send again
+        for seq in self.buffer.pending_seqs():
+            self._outbox[seq] = 0.0  # formed before the last stop: sent again, same bytes
         self.publisher.start()
         self.intake.start()
         for source in self.sources:
@@ -216,6 +209,8 @@ class Service:
                 self.reload()
             try:
                 self._collect_results()
+                for seq in self.buffer.compact():
+                    self._outbox[seq] = 0.0
                 self._publish_due()
                 if now >= next_bounds:
                     next_bounds = now + BOUNDS_EVERY_S
@@ -289,14 +284,6 @@ class Service:
         if now < self._paused_until:
             return
         limit = self.settings.cloud.max_in_flight
-        # Batches formed earlier (unconfirmed at the last stop, or refused): same bytes again.
-        for seq in sorted(self._outbox):
-            if len(self._in_flight) >= limit:
-                return
-            entry = self._outbox[seq]
-            if entry.not_before <= now:
-                del self._outbox[seq]
-                self._send(entry.batch)
         if len(self._in_flight) < limit and self.buffer.live_due(self._max_delay_ms):
             while len(self._in_flight) < limit:
                 batch = self.buffer.take(live=True)
@@ -305,8 +292,18 @@ class Service:
                 self._send(batch)
                 if not self.buffer.live_due(self._max_delay_ms):
                     break
-        # The backlog may use all but one slot, so live readings never queue behind it.
-        while len(self._in_flight) < limit - 1 and self.buffer.depth(live=False).uplinks > 0:
+        # The backlog, oldest first, may use all but one slot, so live readings never queue
+        # behind it: formed batches first (same bytes again), then unbatched backlog uplinks.
+        backlog_slots = max(1, limit - 1)
+        for seq in sorted(self._outbox):
+            if len(self._in_flight) >= backlog_slots:
+                return
+            if self._outbox[seq] <= now:
+                del self._outbox[seq]
+                formed = self.buffer.batch(seq)
+                if formed is not None:  # None: dropped by a bound meanwhile
+                    self._send(formed)
+        while len(self._in_flight) < backlog_slots and self.buffer.depth(live=False).uplinks > 0:
             batch = self.buffer.take(live=False)
             if batch is None:
                 break
@@ -344,7 +341,7 @@ class Service:
                 continue
             self._failures += 1
             backoff = min(MAX_BACKOFF_S, 2.0 ** min(self._failures, 6))
-            self._outbox[seq] = _Outbox(batch, time.monotonic() + backoff)
+            self._outbox[seq] = time.monotonic() + backoff
             if result.reason_code is not None:
                 # IoT Core said no (not authorized, quota exceeded, ...): pause all publishing.
                 self._paused_until = time.monotonic() + backoff
@@ -359,7 +356,7 @@ class Service:
             )
 
     def _enforce_bounds(self) -> None:
-        gap = self.buffer.enforce_bounds(in_flight=[*self._in_flight, *self._outbox])
+        gap = self.buffer.enforce_bounds(in_flight=list(self._in_flight))
         if gap is not None:
             log.warning("buffer bound reached: oldest readings dropped", **gap.log_fields())
 
@@ -420,7 +417,10 @@ class Service:
             if self.publisher.connected and time.monotonic() >= self._paused_until:
                 for seq in sorted(self._outbox):
                     if len(self._in_flight) < self.settings.cloud.max_in_flight:
-                        self._send(self._outbox.pop(seq).batch)
+                        del self._outbox[seq]
+                        formed = self.buffer.batch(seq)
+                        if formed is not None:
+                            self._send(formed)
                 while len(self._in_flight) < self.settings.cloud.max_in_flight:
                     batch = self.buffer.take(live=True) or self.buffer.take(live=False)
                     if batch is None:

@@ -338,3 +338,36 @@ def test_idempotency_keys_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(rows) == 50 and rows[0][0] == "chirpstack/70"
     assert b._totals["seen"] == 50
     assert b.store([uplink(119, received_ms=now_ms())]).duplicates == 1  # recent keys still dedupe
+
+
+def test_uplinks_after_the_table_empties_are_still_live(tmp_path: Path) -> None:
+    """Once every stored uplink has left in a batch, new ones still count as live (SQLite alone
+    would give them low, reused ids and they would pass for backlog)."""
+    b = make(tmp_path)
+    b.mark_live()
+    b.store([uplink(1, received_ms=now_ms())])
+    batch = b.take(live=True)
+    assert batch is not None
+    b.confirm(batch.seq)
+    b.store([uplink(2, received_ms=now_ms())])
+    assert b.depth(live=True).uplinks == 1 and b.depth(live=False).uplinks == 0
+
+
+def test_compact_packs_a_long_backlog_into_batches_and_keeps_every_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past COMPACT_ABOVE bytes of unbatched series, the oldest are packed into formed batches
+    (far smaller on disk); the batches hold exactly the readings, oldest first."""
+    monkeypatch.setattr(buffer_module, "COMPACT_ABOVE", 20_000)
+    b = make(tmp_path)
+    b.store([uplink(i, readings=5, received_ms=now_ms()) for i in range(400)])
+    raw = b.depth().bytes
+    seqs = b.compact(max_batches=100)
+    assert seqs and b.depth().bytes <= 20_000
+    assert b.depth().total_bytes < raw / 2
+    packed = [b.batch(seq) for seq in seqs]
+    sources = [row["record_source"] for batch in packed if batch for row in rows_of(batch.payload)]
+    numbers = [int(s.split("/")[1]) for s in dict.fromkeys(sources)]
+    assert numbers == list(range(len(numbers)))  # the oldest, in order, none twice
+    assert b.depth().total_readings == 2000
+    assert b.pending_seqs() == seqs

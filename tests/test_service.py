@@ -1,0 +1,58 @@
+"""The service's answer to a buffer found damaged while it runs: stop with exit 3 and leave a
+marker, so the restart (systemd's) moves the file aside instead of using it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from gateway import buffer as buffer_module
+from gateway import service as service_module
+from gateway.buffer import Buffer, damage_marker, now_ms
+from gateway.config import load_config
+from gateway.model import DecodedUplink, DeviceKey, Reading
+from gateway.service import EXIT_BUFFER_DAMAGED, Service
+
+
+def test_damage_found_by_the_background_check_stops_with_exit_3_and_a_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file too large for the check at open (here: any) is checked after READY; damage found
+    then stops the daemon (exit code 3) with the marker that makes the next open move it aside."""
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "a.yaml").write_text("devices: []\n")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
+        "sources: [{kind: chirpstack}]\n"
+        "cloud: {kind: directory, directory: out}\n"
+        "buffer: {path: buffer.db}\n"
+    )
+    path = tmp_path / "buffer.db"
+    b = Buffer(path, "gw-t-01", "acme", "leeds")
+    dev = DeviceKey("dev_eui", "70b3d57ed0001234")
+    t = now_ms()
+    b.store(
+        [
+            DecodedUplink(f"chirpstack/{i}", "s", dev, t, {}, tuple(Reading("CC1", j, "mA", t + j) for j in range(40)))
+            for i in range(200)
+        ]
+    )
+    b.close()
+    monkeypatch.setattr(buffer_module, "QUICK_CHECK_AT_OPEN_MAX", 0)
+    monkeypatch.setattr(service_module, "QUICK_CHECK_AT_OPEN_MAX", 0)
+    service = Service(load_config(cfg), sources=[])
+    data = bytearray(path.read_bytes())
+    data[4096 * 1 : 4096 * 1 + 12] = b"\x07" * 12  # the uplinks table's root page, under its feet
+    path.write_bytes(bytes(data))
+    runner = threading.Thread(target=service.run)
+    runner.start()
+    assert service.stopped.wait(30)
+    runner.join(10)
+    assert service.exit_code == EXIT_BUFFER_DAMAGED
+    assert damage_marker(path).exists()
+    reopened = Buffer(path, "gw-t-01", "acme", "leeds")
+    assert reopened.recovered is not None and "quick_check" in reopened.recovered.reason
+    reopened.close()
