@@ -10,6 +10,12 @@ The transactional interface (STYLE point 7):
 - `pending()`: the formed batches not yet confirmed (to publish or re-publish, same bytes).
 - `depth()`: the backlog, for batching decisions and `status`.
 - `enforce_bounds()`: `max_size` / `max_age`, dropping the oldest and recording a gap.
+- `compact()`: a long backlog packed into its final (gzip) messages, a tenth of the size.
+
+Faults it answers for: a damaged file is moved aside at open (`file_damage`, `quick_check`,
+the marker a running daemon leaves), a full disk is `BufferFullError` for intake while the
+drain keeps room to work (`_cap`), and every transaction restores the in-memory totals when
+it fails, so they always match the file.
 
 An uplink is one row holding its series already encoded as JSON (`wire.encode_series`), so
 intake is one INSERT per uplink and forming a batch is a string join.
@@ -46,8 +52,8 @@ from gateway.model import (
 SCHEMA_VERSION = 1
 DEAD_LETTERS_KEPT = 10_000
 UNMAPPED_KEPT = 10_000
-SEEN_KEPT_MS = 2 * 86_400_000  # redeliveries come within a session restart; two days is ample
-SEEN_KEPT_ROWS = 1_000_000
+SEEN_KEPT_MS = 2 * 86_400_000  # idempotency keys older than this are forgotten
+SEEN_KEPT_ROWS = 100_000  # and at most this many are kept (about 12 MB in memory)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_ALLOWANCE = 6 * 1024**2  # disk kept for the WAL: autocheckpoint at 1000 pages, plus a transaction
 DRAIN_RESERVE = 1024**2  # disk only the drain may use, so a full disk still drains (see `_cap`)
@@ -72,11 +78,15 @@ CREATE TABLE IF NOT EXISTS batches (
     gzip        INTEGER NOT NULL,
     payload     BLOB NOT NULL            -- exactly the bytes published
 );
-CREATE TABLE IF NOT EXISTS seen (        -- idempotent intake: sources stored recently
-    source      TEXT PRIMARY KEY,
+-- Idempotent intake: keys of recently stored uplinks, appended in intake order. No index:
+-- lookups go to the in-memory window loaded from it, so intake writes a page of keys, not one
+-- random index leaf per uplink (which was most of the bytes written to flash).
+CREATE TABLE IF NOT EXISTS seen_log (
+    id          INTEGER PRIMARY KEY,
+    key         TEXT NOT NULL,
     received_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS seen_by_time ON seen(received_ms);
+);
+DROP TABLE IF EXISTS seen;               -- the indexed table of the first version
 CREATE TABLE IF NOT EXISTS dead_letters (
     id          INTEGER PRIMARY KEY,
     received_ms INTEGER NOT NULL,
@@ -387,6 +397,8 @@ class Buffer:
         #: Set when the file was damaged at start-up and moved aside (the service says so loudly).
         self.recovered: Recovered | None = None
         self._page_size = 0
+        self._seen: dict[str, None] = {}
+        self._device_stats: dict[str, dict[str, Any]] = {}
         self._db = self._open()
         # Uplinks with id >= live_from are live; older ones are backlog (see `mark_live`).
         self._next_id = self._next_uplink_id()
@@ -444,11 +456,19 @@ class Buffer:
             self._db.execute("INSERT OR IGNORE INTO state VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
             totals = json.loads(row[0]) if row is not None else self._recount()
-            if "seen" not in totals:
-                totals["seen"] = self._db.execute("SELECT count(*) FROM seen").fetchone()[0]
+            totals.pop("seen", None)
             self._set_state("totals", json.dumps(totals))
         self._totals = totals
         self._gap = Gap(**json.loads(self._get_state("gap") or "{}"))
+        # The idempotency window: the newest keys, oldest first (a dict keeps insertion order).
+        newest = self._db.execute("SELECT coalesce(max(id), 0) FROM seen_log").fetchone()[0]
+        self._seen = dict.fromkeys(
+            r[0]
+            for r in self._db.execute(
+                "SELECT key FROM seen_log WHERE id > ? AND received_ms >= ? ORDER BY id",
+                (newest - SEEN_KEPT_ROWS, now_ms() - SEEN_KEPT_MS),
+            )
+        )
 
     def _recount(self) -> dict[str, int]:
         u = self._db.execute(
@@ -464,7 +484,6 @@ class Buffer:
             "batches": b[0],
             "batch_readings": b[1],
             "batch_bytes": b[2],
-            "seen": self._db.execute("SELECT count(*) FROM seen").fetchone()[0],
         }
 
     def _get_state(self, key: str) -> str | None:
@@ -489,8 +508,6 @@ class Buffer:
             "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?",
             (name, n, n),
         )
-
-    # ---- intake ------------------------------------------------------------------------
 
     # ---- room on disk --------------------------------------------------------------------
     #
@@ -525,6 +542,8 @@ class Buffer:
             except sqlite3.OperationalError:
                 pass  # no room yet to copy the WAL's pages home; a later try may have it
 
+    # ---- intake ------------------------------------------------------------------------
+
     def over_limit(self) -> bool:
         """True when intake must be held: the buffer is at `max_size` under `stop-intake`."""
         return self.when_full == "stop-intake" and self.depth().total_bytes >= self.max_size
@@ -541,7 +560,7 @@ class Buffer:
         if self.over_limit():
             raise BufferFullError(f"buffer full: it holds {self.depth().total_bytes} bytes, max_size {self.max_size}")
         result = StoreResult()
-        devices: dict[str, dict[str, Any]] = {}
+        devices = self._device_stats
 
         def dev(key: DeviceKey, sensor_id: str | None, at: int) -> dict[str, Any]:
             d = devices.setdefault(
@@ -556,31 +575,19 @@ class Buffer:
         limited = self.when_full == "stop-intake"
         rows: list[tuple[int, str, str, int, int, str]] = []
         seen_rows: list[tuple[str, int]] = []
-        # Idempotency keys: one query for the group's keys already stored, one insert of the
-        # new ones (rather than a statement per uplink).
-        keys = [
-            (o.dedup_key or o.source) if isinstance(o, DecodedUplink) else o.source
-            for o in outcomes
-            if isinstance(o, DecodedUplink | DeadLetter)
-        ]
-        known: set[str] = set()  # filled inside the transaction, so no other store interleaves
+        new_keys: set[str] = set()
 
         def first_seen(key: str, received_ms: int) -> bool:
-            if key in known:
+            if key in self._seen or key in new_keys:  # a second copy within this group too
                 return False
-            known.add(key)  # a second copy within this group is a duplicate too
+            new_keys.add(key)
             seen_rows.append((key, received_ms))
             return True
 
+        saved_devices = copy.deepcopy(devices)  # restored if the transaction fails
         try:
             with self._tx():
                 self._cap(drain=False)
-                for i in range(0, len(keys), 500):
-                    chunk = keys[i : i + 500]
-                    marks = ",".join("?" * len(chunk))
-                    known.update(
-                        r[0] for r in self._db.execute(f"SELECT source FROM seen WHERE source IN ({marks})", chunk)
-                    )
                 db = self._db
                 for index, o in enumerate(outcomes):
                     if isinstance(o, DecodedUplink):
@@ -653,24 +660,11 @@ class Buffer:
                         d = dev(o.device, None, o.received_ms)
                         d["log"] += 1
                         d["lastlog"] = f"{o.level} {o.code}: {o.description}"[:300]
-                db.executemany("INSERT INTO seen VALUES (?, ?)", seen_rows)
-                self._totals["seen"] += len(seen_rows)
+                db.executemany("INSERT INTO seen_log (key, received_ms) VALUES (?, ?)", seen_rows)
                 db.executemany(
                     "INSERT INTO uplinks (id, source, sensor_id, received_ms, readings, series) VALUES (?,?,?,?,?,?)",
                     rows,
                 )
-                for key, d in devices.items():
-                    db.execute(
-                        "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
-                        " log_events, last_log, foreign_tenant) VALUES (?,?,?,?,?,?,?,?,?)"
-                        " ON CONFLICT(device) DO UPDATE SET sensor_id=coalesce(excluded.sensor_id, sensor_id),"
-                        " last_seen_ms=max(coalesce(last_seen_ms,0), excluded.last_seen_ms),"
-                        " uplinks=uplinks+excluded.uplinks, readings=readings+excluded.readings,"
-                        " dead_letters=dead_letters+excluded.dead_letters, log_events=log_events+excluded.log_events,"
-                        " last_log=coalesce(excluded.last_log, last_log),"
-                        " foreign_tenant=foreign_tenant+excluded.foreign_tenant",
-                        (key, d["sensor_id"], d["last"], d["up"], d["rd"], d["dl"], d["log"], d["lastlog"], d["ft"]),
-                    )
                 if result.duplicates:
                     self._count("duplicate_uplinks", result.duplicates)
                 if self.when_full == "drop-oldest" and self.depth().total_bytes > self.max_size:
@@ -679,10 +673,18 @@ class Buffer:
                     result.dropped = self._drop_to_fit(in_flight=None)
                 self._save_totals()
         except sqlite3.OperationalError as exc:
+            self._device_stats = saved_devices
             if is_disk_full(exc):
                 self.checkpoint()  # the WAL holds space a checkpoint gives back
                 raise DiskFullError(f"the disk holding {self.path} is full ({exc})") from exc
             raise
+        except BaseException:
+            self._device_stats = saved_devices
+            raise
+        for key, _ in seen_rows:  # committed (in intake order): from now on they are duplicates
+            self._seen[key] = None
+        while len(self._seen) > SEEN_KEPT_ROWS:
+            del self._seen[next(iter(self._seen))]
         return result
 
     # ---- batching ----------------------------------------------------------------------
@@ -899,11 +901,41 @@ class Buffer:
             self._count("published_readings", row[0])
 
     def heartbeat(self, pid: int | None = None) -> None:
-        """Record that the daemon is alive (shown by `status`)."""
-        with self._lock, self._tx():
-            self._cap(drain=True)
-            self._set_state("heartbeat_ms", str(now_ms()))
-            self._set_state("pid", str(pid if pid is not None else os.getpid()))
+        """Record that the daemon is alive, and the per-device counters (shown by `status`)."""
+        with self._lock:
+            pending = self._device_stats
+            try:
+                with self._tx():
+                    self._cap(drain=True)
+                    self._set_state("heartbeat_ms", str(now_ms()))
+                    self._set_state("pid", str(pid if pid is not None else os.getpid()))
+                    self._flush_device_stats()
+            except BaseException:
+                self._device_stats = pending  # not written: keep them for the next heartbeat
+                raise
+
+    def _flush_device_stats(self) -> None:
+        """Write the per-device counters gathered since the last flush (part of a transaction).
+
+        They are kept in memory between heartbeats so that intake does not rewrite the devices
+        table's pages at every commit; a crash loses at most one heartbeat's worth of counts,
+        never a reading.
+        """
+        db = self._db
+        devices = self._device_stats
+        for key, d in devices.items():
+            db.execute(
+                "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
+                " log_events, last_log, foreign_tenant) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(device) DO UPDATE SET sensor_id=coalesce(excluded.sensor_id, sensor_id),"
+                " last_seen_ms=max(coalesce(last_seen_ms,0), excluded.last_seen_ms),"
+                " uplinks=uplinks+excluded.uplinks, readings=readings+excluded.readings,"
+                " dead_letters=dead_letters+excluded.dead_letters, log_events=log_events+excluded.log_events,"
+                " last_log=coalesce(excluded.last_log, last_log),"
+                " foreign_tenant=foreign_tenant+excluded.foreign_tenant",
+                (key, d["sensor_id"], d["last"], d["up"], d["rd"], d["dl"], d["log"], d["lastlog"], d["ft"]),
+            )
+        self._device_stats = {}
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to a persistent counter (publish failures by reason code, ...)."""
@@ -940,7 +972,7 @@ class Buffer:
                     if not self._drop_oldest(self.depth().total_bytes - self.max_size, in_flight, dropped):
                         break
             self._record_gap(dropped)
-            self._prune(at)
+            self._prune()
             self._save_totals()
         return dropped if dropped.readings else None
 
@@ -1029,17 +1061,10 @@ class Buffer:
             self._totals["batch_bytes"] -= size
             dropped.add(readings, 0, oldest, created, reason)
 
-    def _prune(self, at_ms: int) -> None:
+    def _prune(self) -> None:
         """Keep the bookkeeping tables bounded; each statement costs what it deletes."""
         db = self._db
-        cur = db.execute("DELETE FROM seen WHERE received_ms < ?", (at_ms - SEEN_KEPT_MS,))
-        self._totals["seen"] -= max(0, cur.rowcount)
-        excess = self._totals["seen"] - SEEN_KEPT_ROWS
-        if excess > 0:
-            cur = db.execute(
-                "DELETE FROM seen WHERE source IN (SELECT source FROM seen ORDER BY received_ms LIMIT ?)", (excess,)
-            )
-            self._totals["seen"] -= max(0, cur.rowcount)
+        db.execute("DELETE FROM seen_log WHERE id <= (SELECT max(id) FROM seen_log) - ?", (SEEN_KEPT_ROWS,))
         db.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (DEAD_LETTERS_KEPT,))
         db.execute("DELETE FROM unmapped WHERE id <= (SELECT max(id) FROM unmapped) - ?", (UNMAPPED_KEPT,))
 
@@ -1057,8 +1082,13 @@ class Buffer:
             self._db.executemany("DELETE FROM unmapped WHERE id = ?", ((i,) for i in ids))
 
     def close(self) -> None:
-        """Checkpoint the WAL into the main file and close."""
+        """Write the device counters, checkpoint the WAL into the main file, and close."""
         with self._lock:
+            try:
+                with self._tx():
+                    self._flush_device_stats()
+            except sqlite3.Error:
+                pass  # counters only; the readings are committed already
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:

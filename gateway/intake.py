@@ -232,11 +232,17 @@ class Intake:
             if not isinstance(outcome, Unmapped):
                 replayed.append(outcome)
                 ids.append(row_id)
-        if replayed:
-            self.buffer.store(replayed)
-            self.buffer.forget_unmapped(ids)
-            log.info("replayed uplinks of newly mapped devices", uplinks=len(ids))
-        return len(ids)
+        if not replayed:
+            return 0
+        try:
+            result = self.buffer.store(replayed)
+        except (BufferFullError, sqlite3.OperationalError) as exc:
+            log.warning("replay of kept uplinks postponed to the next reload", reason=str(exc))
+            return 0
+        done = ids[: result.taken]  # stop-intake may have taken only the first ones
+        self.buffer.forget_unmapped(done)
+        log.info("replayed uplinks of newly mapped devices", uplinks=len(done), left=len(ids) - len(done))
+        return len(done)
 
 
 __all__ = ["Intake", "IntakeStats"]

@@ -172,7 +172,10 @@ def test_osm_frames_reach_the_cloud_decoded_exactly(
                 assert series["meta"]["machine"] == "press-03" and series["meta"]["dev_eui"] == PRESS
                 assert series["meta"]["rssi"] == -80 and series["source"].startswith("chirpstack/p-")
 
-    report = daemon.wait_status(lambda s: s["backlog"]["readings"] == 0)
+    # Per-device counters reach the file with the 10 s heartbeat.
+    report = daemon.wait_status(
+        lambda s: s["backlog"]["readings"] == 0 and any(d["device"] == f"dev_eui:{PRESS}" for d in s["devices"])
+    )
     assert report["daemon"]["running"] and report["dead_letters"]["total"] == 1
     assert "osm-v2" in report["dead_letters"]["latest"][0]["reason"]
     assert report["unmapped_uplinks"] == 1 and report["counters"]["duplicate_uplinks"] == 1
