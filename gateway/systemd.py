@@ -27,11 +27,15 @@ class Notifier:
         return bool(self._address)
 
     def notify(self, *lines: str) -> None:
-        """Send `KEY=value` lines in one datagram; errors are ignored (best effort)."""
+        """Send `KEY=value` lines in one datagram; errors are ignored (best effort).
+
+        Never blocks: the main loop calls this, and a receiver that does not read (its queue
+        of datagrams full) must not stop the gateway; the message is dropped instead.
+        """
         if not self._address:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto("\n".join(lines).encode(), self._address)
+                sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self._address)
         except OSError:
             pass
