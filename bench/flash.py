@@ -1,6 +1,6 @@
 """Bytes written to disk per reading at the seed site's load: what the buffer costs an SD card.
 
-    python bench/flash.py [--seconds 120] [--commit-intervals 1s,0s]
+    python bench/flash.py [--seconds 120] [--commit-intervals 5s,1s,1ms]
 
 The real daemon (`hub-gateway run`) against a real local Mosquitto fed by the demo's simulated
 site (45 current clamps at one uplink a second, 15 air-quality units every 30 s: 49 readings
@@ -8,7 +8,7 @@ a second, ChirpStack JSON events) and a TLS Mosquitto as IoT Core's stand-in, so
 formed, published and confirmed as in production. After a warm-up, the daemon's
 `write_bytes` from /proc/PID/io (bytes it caused to be written to the block device: WAL
 appends, checkpoints) is read over --seconds, against the readings it took in over the same
-time. One run per commit interval; the baseline is `commit_interval: 0s` (a commit, so an
+time. One run per commit interval; the baseline is `commit_interval: 1ms` (a commit, so an
 fsync, for every group however small: at this load, about one per uplink).
 
 Needs the project importable, Mosquitto installed, and the buffer directory (--dir, default a
@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--warmup", type=float, default=15.0)
-    parser.add_argument("--commit-intervals", default="1s,0s", help="comma-separated; the last is the baseline")
+    parser.add_argument("--commit-intervals", default="5s,1s,1ms", help="comma-separated; the last is the baseline")
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
     base = args.dir or Path(tempfile.mkdtemp(prefix="bench-flash-", dir="/var/tmp"))

@@ -163,10 +163,9 @@ class BufferSettings(Strict):
     )
     commit_interval: Duration = Field(
         default=1.0,
-        ge=0.0,
         le=10.0,
         description="Intake gathers what arrives within this window into one durable commit (one "
-        "fsync) before acknowledging it upstream: fewer writes to flash; 0 commits each group at once.",
+        "fsync) before acknowledging it upstream: fewer writes to flash; 1ms commits each group at once.",
     )
 
 
