@@ -53,7 +53,7 @@ SCHEMA_VERSION = 1
 DEAD_LETTERS_KEPT = 10_000
 UNMAPPED_KEPT = 10_000
 SEEN_KEPT_MS = 2 * 86_400_000  # idempotency keys older than this are forgotten
-SEEN_KEPT_ROWS = 100_000  # and at most this many are kept (about 12 MB in memory)
+SEEN_KEPT_ROWS = 100_000  # and at most this many are kept (about 17 MiB in memory, measured)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_ALLOWANCE = 6 * 1024**2  # disk kept for the WAL: autocheckpoint at 1000 pages, plus a transaction
 DRAIN_RESERVE = 1024**2  # disk only the drain may use, so a full disk still drains (see `_cap`)
@@ -676,20 +676,30 @@ class Buffer:
                     # drop the oldest stored uplinks now (formed batches are left to it).
                     result.dropped = self._drop_to_fit(in_flight=None)
                 self._save_totals()
+                # Into the window inside the transaction (under the lock), so a store on
+                # another thread cannot take the same key meanwhile; removed if it fails.
+                for key, _ in seen_rows:
+                    self._seen[key] = None
         except sqlite3.OperationalError as exc:
+            self._forget_keys(seen_rows)
             self._device_stats = saved_devices
             if is_disk_full(exc):
                 self.checkpoint()  # the WAL holds space a checkpoint gives back
                 raise DiskFullError(f"the disk holding {self.path} is full ({exc})") from exc
             raise
         except BaseException:
+            self._forget_keys(seen_rows)
             self._device_stats = saved_devices
             raise
-        for key, _ in seen_rows:  # committed (in intake order): from now on they are duplicates
-            self._seen[key] = None
-        while len(self._seen) > SEEN_KEPT_ROWS:
-            del self._seen[next(iter(self._seen))]
+        with self._lock:
+            while len(self._seen) > SEEN_KEPT_ROWS:
+                del self._seen[next(iter(self._seen))]
         return result
+
+    def _forget_keys(self, rows: list[tuple[str, int]]) -> None:
+        with self._lock:
+            for key, _ in rows:
+                self._seen.pop(key, None)
 
     # ---- batching ----------------------------------------------------------------------
 
@@ -801,7 +811,8 @@ class Buffer:
             (seq, created, oldest, readings, int(self.gzip), payload),
         )
         ids = [c[0] for c in chosen]
-        self._db.executemany("DELETE FROM uplinks WHERE id = ?", ((i,) for i in ids))
+        # The chosen rows are all the rows of their class (live or backlog) from ids[0] to ids[-1].
+        self._db.execute("DELETE FROM uplinks WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]))
         self._set_state("next_seq", str(seq + 1))
         raw_bytes = sum(len(c[3]) for c in chosen)
         t = self._totals

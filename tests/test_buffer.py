@@ -200,7 +200,8 @@ def test_dead_letters_and_device_stats_are_kept(tmp_path: Path) -> None:
 
 
 def test_totals_match_the_file_after_a_failed_transaction(tmp_path: Path) -> None:
-    """A store that fails midway rolls back both the file and the in-memory totals."""
+    """A store that fails midway rolls back the file, the in-memory totals and the idempotency
+    keys it had taken."""
     b = make(tmp_path)
     b.store([uplink(1)])
 
@@ -214,9 +215,15 @@ def test_totals_match_the_file_after_a_failed_transaction(tmp_path: Path) -> Non
     with pytest.raises(Boom):
         b.store(bad())  # type: ignore[arg-type]
     assert b.depth().readings == 3
+    nan = DecodedUplink("chirpstack/nan", "s1", DEV, 5, {}, (Reading("CC1", float("nan"), "mA", 5),))
+    with pytest.raises(ValueError):  # not JSON: fails inside the transaction, after uplink 2's key
+        b.store([uplink(2), nan])
+    assert b.depth().readings == 3
+    assert b.store([uplink(2)]).stored == 1  # its key was not kept: it is no duplicate
+    assert b.depth().readings == 6
     b.close()
     state = sqlite3.connect(tmp_path / "b.db").execute("SELECT value FROM state WHERE key='totals'").fetchone()[0]
-    assert json.loads(state)["readings"] == 3
+    assert json.loads(state)["readings"] == 6
 
 
 def test_batch_ids_never_repeat_when_the_file_is_replaced(tmp_path: Path) -> None:
