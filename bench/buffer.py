@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -131,13 +132,7 @@ def bench_daemon(where: Path, target: int, step: int) -> list[tuple[int, float, 
         # First with nothing ever stored; then the idempotency window is filled (its 100,000
         # newest keys are held in memory, whatever the backlog) and those readings are sent,
         # so every measured step below has a full window and only the backlog differs.
-        started = time.monotonic()
-        daemon.start(timeout=60)
-        ready = time.monotonic() - started
-        daemon.wait_status(lambda s: s["daemon"]["running"], timeout=30)
-        time.sleep(6)
-        cold = _rss_mib(daemon.process.pid if daemon.process else 0)
-        daemon.stop()
+        ready, cold = _start_and_measure(daemon)
         print(f"daemon never used: READY in {ready:.2f} s, RSS {cold:.1f} MiB", flush=True)
         b = Buffer(path, "gw-test-01", "acme", "leeds", max_size=100 * 1024**3)
         for n in range(-SEEN_KEPT_ROWS, 0, 10_000):
@@ -147,14 +142,7 @@ def bench_daemon(where: Path, target: int, step: int) -> list[tuple[int, float, 
             b.confirm(batch.seq)
         b.close()
         while True:
-            started = time.monotonic()
-            daemon.start(timeout=60)
-            ready = time.monotonic() - started
-            # Let it do its periodic work (bounds every 5 s, status every 10 s) before reading RSS.
-            daemon.wait_status(lambda s: s["daemon"]["running"], timeout=30)
-            time.sleep(6)
-            rss = _rss_mib(daemon.process.pid if daemon.process else 0)
-            daemon.stop()
+            ready, rss = _start_and_measure(daemon)
             results.append((stored, ready, rss, path.stat().st_size // 1024**2))
             print(
                 f"daemon backlog {stored:>10,} readings (window full): READY in {ready:.2f} s, RSS {rss:.1f} MiB, "
@@ -177,6 +165,19 @@ def bench_daemon(where: Path, target: int, step: int) -> list[tuple[int, float, 
         daemon.close()
         local.stop()
     return results
+
+
+def _start_and_measure(daemon: Any) -> tuple[float, float]:
+    """Start the daemon; (seconds to READY=1, RSS MiB once it has done its periodic work)."""
+    started = time.monotonic()
+    daemon.start(timeout=60)
+    ready = time.monotonic() - started
+    # Let it run its bounds (every 5 s) and status (every 10 s) work before reading RSS.
+    daemon.wait_status(lambda s: s["daemon"]["running"], timeout=30)
+    time.sleep(6)
+    rss = _rss_mib(daemon.process.pid)
+    daemon.stop()
+    return ready, rss
 
 
 def _rss_mib(pid: int) -> float:

@@ -126,6 +126,9 @@ CREATE TABLE IF NOT EXISTS state (       -- small facts: totals, next batch seq,
 """
 
 
+_BATCH_COLUMNS = "seq, created_ms, readings, gzip, payload"
+
+
 def now_ms() -> int:
     """Wall-clock milliseconds since the Unix epoch."""
     return time.time_ns() // 1_000_000
@@ -864,11 +867,10 @@ class Buffer:
     def batch(self, seq: int) -> Batch | None:
         """One formed batch, exactly as it will be (re)published; None if it is gone (dropped)."""
         with self._lock:
-            r = self._db.execute(
-                "SELECT seq, created_ms, readings, gzip, payload FROM batches WHERE seq=?", (seq,)
-            ).fetchone()
-        if r is None:
-            return None
+            r = self._db.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq=?", (seq,)).fetchone()
+        return None if r is None else self._batch_from_row(r)
+
+    def _batch_from_row(self, r: tuple[Any, ...]) -> Batch:
         return Batch(
             seq=r[0],
             batch_id=f"{self._ids[0]}-{r[0]:012d}",
@@ -879,25 +881,12 @@ class Buffer:
         )
 
     def pending(self, exclude: Iterable[int] = ()) -> list[Batch]:
-        """Formed batches not yet confirmed, oldest first (after a restart: all of them)."""
+        """Formed batches not yet confirmed, oldest first, payloads loaded (for tests and tools;
+        the service keeps only `pending_seqs` and loads each `batch` when it sends it)."""
         skip = set(exclude)
-        gateway_id = self._ids[0]
         with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, created_ms, readings, gzip, payload FROM batches ORDER BY seq"
-            ).fetchall()
-        return [
-            Batch(
-                seq=r[0],
-                batch_id=f"{gateway_id}-{r[0]:012d}",
-                payload=bytes(r[4]),
-                readings=r[2],
-                gzip=bool(r[3]),
-                created_ms=r[1],
-            )
-            for r in rows
-            if r[0] not in skip
-        ]
+            rows = self._db.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY seq").fetchall()
+        return [self._batch_from_row(r) for r in rows if r[0] not in skip]
 
     def confirm(self, seq: int, at_ms: int | None = None) -> None:
         """IoT Core acknowledged batch `seq`: delete it; record the time of the last publish."""

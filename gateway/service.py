@@ -251,6 +251,16 @@ class Service:
             )
         self._paused_until = time.monotonic() + 1.0
 
+    def _stop_intake_and_sources(self) -> None:
+        """Intake first (it finishes and acks the group it is committing), then the sources;
+        what was not acked stays with the local broker for our session."""
+        self.intake.stop(timeout_s=1.5)
+        for source in self.sources:
+            try:
+                source.stop()
+            except Exception:
+                log.exception("error stopping source", source=source.name)
+
     def _stop_damaged(self, reason: str) -> None:
         """Damage found while running: stop without touching the file; the restart moves it aside."""
         log.critical(
@@ -259,12 +269,7 @@ class Service:
             path=str(self.buffer.path),
         )
         self.notifier.notify("STOPPING=1", f"STATUS=buffer damaged: {reason}"[:200])
-        self.intake.stop(timeout_s=1.0)
-        for source in self.sources:
-            try:
-                source.stop()
-            except Exception:
-                log.exception("error stopping source", source=source.name)
+        self._stop_intake_and_sources()
         self.publisher.stop(timeout_s=1.0)
         try:
             mark_damaged(self.buffer.path, reason)
@@ -390,12 +395,7 @@ class Service:
         deadline = time.monotonic() + STOP_BUDGET_S - 0.5
         self.notifier.notify("STOPPING=1")
         log.info("stopping: intake first, then flushing what is committed")
-        self.intake.stop(timeout_s=1.5)
-        for source in self.sources:
-            try:
-                source.stop()
-            except Exception:
-                log.exception("error stopping source", source=source.name)
+        self._stop_intake_and_sources()
         try:
             self._flush(deadline)
         except sqlite3.DatabaseError as exc:

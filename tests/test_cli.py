@@ -14,6 +14,7 @@ from gateway import wire
 from gateway.buffer import Buffer, now_ms
 from gateway.cli import main
 from gateway.model import DeadLetter, DecodedUplink, DeviceKey, Reading
+from tests.support.site import directory_site
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,15 +43,7 @@ def test_demo_runs_the_simulated_site_into_batch_files(tmp_path: Path) -> None:
 
 def test_status_reads_a_stopped_daemons_buffer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """status reports backlog, dead letters and devices from the file alone, in text and JSON."""
-    (tmp_path / "devices").mkdir()
-    (tmp_path / "devices" / "a.yaml").write_text("devices: []\n")
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(
-        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
-        "sources: [{kind: chirpstack}]\n"
-        "cloud: {kind: directory, directory: out}\n"
-        "buffer: {path: buffer.db}\n"
-    )
+    cfg = directory_site(tmp_path)
     assert main(["status", "-c", str(cfg)]) == 0
     assert "does not exist yet" in capsys.readouterr().out
     dev = DeviceKey("dev_eui", "70b3d57ed0001234")
@@ -84,19 +77,6 @@ def test_schema_prints_both_schemas(capsys: pytest.CaptureFixture[str]) -> None:
     assert schemas["gateway"]["additionalProperties"] is False
 
 
-def _site(tmp_path: Path) -> Path:
-    (tmp_path / "devices").mkdir(exist_ok=True)
-    (tmp_path / "devices" / "a.yaml").write_text("devices: []\n")
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(
-        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
-        "sources: [{kind: chirpstack}]\n"
-        "cloud: {kind: directory, directory: out}\n"
-        "buffer: {path: buffer.db}\n"
-    )
-    return cfg
-
-
 def _fill(path: Path) -> None:
     dev = DeviceKey("dev_eui", "70b3d57ed0001234")
     b = Buffer(path, "gw-t-01", "acme", "leeds")
@@ -114,7 +94,7 @@ def _fill(path: Path) -> None:
 
 def test_check_runs_the_buffers_integrity_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`check` passes a sound buffer and, for a damaged one, prints what SQLite found and exits 1."""
-    cfg = _site(tmp_path)
+    cfg = directory_site(tmp_path)
     _fill(tmp_path / "buffer.db")
     assert main(["check", "-c", str(cfg)]) == 0
     assert "passes PRAGMA integrity_check" in capsys.readouterr().out
@@ -131,7 +111,7 @@ def test_status_says_loudly_that_a_damaged_buffer_was_moved_aside(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """After a damaged buffer was replaced, `status` names the moved file and why."""
-    cfg = _site(tmp_path)
+    cfg = directory_site(tmp_path)
     (tmp_path / "buffer.db").write_bytes(b"\0" * 5000)
     Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds").close()
     assert main(["status", "-c", str(cfg)]) == 0

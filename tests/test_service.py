@@ -14,6 +14,7 @@ from gateway.buffer import Buffer, damage_marker, now_ms
 from gateway.config import load_config
 from gateway.model import DecodedUplink, DeviceKey, Reading
 from gateway.service import EXIT_BUFFER_DAMAGED, Service
+from tests.support.site import directory_site
 
 
 def test_damage_found_by_the_background_check_stops_with_exit_3_and_a_marker(
@@ -21,15 +22,7 @@ def test_damage_found_by_the_background_check_stops_with_exit_3_and_a_marker(
 ) -> None:
     """A file too large for the check at open (here: any) is checked after READY; damage found
     then stops the daemon (exit code 3) with the marker that makes the next open move it aside."""
-    (tmp_path / "devices").mkdir()
-    (tmp_path / "devices" / "a.yaml").write_text("devices: []\n")
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(
-        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
-        "sources: [{kind: chirpstack}]\n"
-        "cloud: {kind: directory, directory: out}\n"
-        "buffer: {path: buffer.db}\n"
-    )
+    cfg = directory_site(tmp_path)
     path = tmp_path / "buffer.db"
     b = Buffer(path, "gw-t-01", "acme", "leeds")
     dev = DeviceKey("dev_eui", "70b3d57ed0001234")
