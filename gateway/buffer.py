@@ -7,7 +7,7 @@ The transactional interface (STYLE point 7):
 - `take(live=...)`: form the next batch from stored uplinks, oldest first, in one
   transaction that moves their series into an encoded message (a `batches` row).
 - `confirm(seq)`: IoT Core acknowledged the batch; delete it.
-- `pending()`: the formed batches not yet confirmed (to publish or re-publish, same bytes).
+- `pending_seqs()` / `batch(seq)`: formed batches not yet confirmed (to re-publish, same bytes).
 - `depth()`: the backlog, for batching decisions and `status`.
 - `enforce_bounds()`: `max_size` / `max_age`, dropping the oldest and recording a gap.
 - `compact()`: a long backlog packed into its final (gzip) messages, a tenth of the size.
@@ -403,6 +403,9 @@ class Buffer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         #: Set when the file was damaged at start-up and moved aside (the service says so loudly).
         self.recovered: Recovered | None = None
+        #: Whether `quick_check` ran at open; if not (a large file), the service runs
+        #: `integrity_problems` in the background after READY.
+        self.checked_at_open = False
         self._page_size = 0
         self._seen: dict[str, None] = {}
         self._device_stats: dict[str, dict[str, Any]] = {}
@@ -433,6 +436,7 @@ class Buffer:
                 db.executescript(_SCHEMA)
                 self._init_state()
                 if self.path.stat().st_size <= QUICK_CHECK_AT_OPEN_MAX:
+                    self.checked_at_open = True
                     rows = db.execute("PRAGMA quick_check(5)").fetchall()
                     if [r[0] for r in rows] != ["ok"]:
                         reason = "; ".join(str(r[0]) for r in rows)
@@ -446,6 +450,7 @@ class Buffer:
             db.close()
         moved = quarantine(self.path)
         self.recovered = Recovered(moved, reason)
+        self.checked_at_open = True  # a new, empty file
         db = connect(self.path)
         self._db = db
         db.executescript(_SCHEMA)
@@ -551,9 +556,13 @@ class Buffer:
 
     # ---- intake ------------------------------------------------------------------------
 
+    def _total_bytes(self) -> int:
+        """Bytes of readings held (series text and formed messages): what max_size bounds."""
+        return self._totals["bytes"] + self._totals["batch_bytes"]
+
     def over_limit(self) -> bool:
         """True when intake must be held: the buffer is at `max_size` under `stop-intake`."""
-        return self.when_full == "stop-intake" and self.depth().total_bytes >= self.max_size
+        return self.when_full == "stop-intake" and self._total_bytes() >= self.max_size
 
     def store(self, outcomes: Iterable[Outcome | DeviceLog]) -> StoreResult:
         """Commit a group of intake outcomes durably, in one transaction.
@@ -565,7 +574,7 @@ class Buffer:
         """
         outcomes = list(outcomes)
         if self.over_limit():
-            raise BufferFullError(f"buffer full: it holds {self.depth().total_bytes} bytes, max_size {self.max_size}")
+            raise BufferFullError(f"buffer full: it holds {self._total_bytes()} bytes, max_size {self.max_size}")
         result = StoreResult()
         devices = self._device_stats
 
@@ -599,7 +608,7 @@ class Buffer:
                 for index, o in enumerate(outcomes):
                     if isinstance(o, DecodedUplink):
                         series = wire.encode_series(o) if o.readings else ""
-                        if limited and series and self.depth().total_bytes + len(series) > self.max_size:
+                        if limited and series and self._total_bytes() + len(series) > self.max_size:
                             if index == 0:
                                 raise BufferFullError(f"buffer full: max_size {self.max_size} bytes reached")
                             result.taken = index
@@ -674,7 +683,7 @@ class Buffer:
                 )
                 if result.duplicates:
                     self._count("duplicate_uplinks", result.duplicates)
-                if self.when_full == "drop-oldest" and self.depth().total_bytes > self.max_size:
+                if self.when_full == "drop-oldest" and self._total_bytes() > self.max_size:
                     # Keep max_size a hard bound between the service's periodic enforce_bounds:
                     # drop the oldest stored uplinks now (formed batches are left to it).
                     result.dropped = self._drop_to_fit(in_flight=None)
@@ -880,14 +889,6 @@ class Buffer:
             created_ms=r[1],
         )
 
-    def pending(self, exclude: Iterable[int] = ()) -> list[Batch]:
-        """Formed batches not yet confirmed, oldest first, payloads loaded (for tests and tools;
-        the service keeps only `pending_seqs` and loads each `batch` when it sends it)."""
-        skip = set(exclude)
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY seq").fetchall()
-        return [self._batch_from_row(r) for r in rows if r[0] not in skip]
-
     def confirm(self, seq: int, at_ms: int | None = None) -> None:
         """IoT Core acknowledged batch `seq`: delete it; record the time of the last publish."""
         with self._lock, self._tx():
@@ -972,8 +973,8 @@ class Buffer:
                     self._drop_uplinks("id < ?", (first_kept[0],), dropped, "max_age")
             self._drop_batches("oldest_ms < ?", (cutoff,), in_flight, dropped, "max_age")
             if self.when_full == "drop-oldest":
-                while self.depth().total_bytes > self.max_size:
-                    if not self._drop_oldest(self.depth().total_bytes - self.max_size, in_flight, dropped):
+                while self._total_bytes() > self.max_size:
+                    if not self._drop_oldest(self._total_bytes() - self.max_size, in_flight, dropped):
                         break
             self._record_gap(dropped)
             self._prune()
@@ -993,8 +994,8 @@ class Buffer:
     def _drop_to_fit(self, in_flight: Sequence[int] | None) -> Gap | None:
         """Drop the oldest until within max_size; `in_flight` None: only unbatched uplinks."""
         dropped = Gap()
-        while self.depth().total_bytes > self.max_size:
-            if not self._drop_oldest(self.depth().total_bytes - self.max_size, in_flight, dropped):
+        while self._total_bytes() > self.max_size:
+            if not self._drop_oldest(self._total_bytes() - self.max_size, in_flight, dropped):
                 break
         self._record_gap(dropped)
         return dropped if dropped.readings else None

@@ -22,7 +22,6 @@ from types import FrameType
 import structlog
 
 from gateway.buffer import (
-    QUICK_CHECK_AT_OPEN_MAX,
     Buffer,
     integrity_problems,
     is_damage,
@@ -197,7 +196,7 @@ class Service:
             unsent_batches=len(self._outbox),
         )
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
-        if self.buffer.path.stat().st_size > QUICK_CHECK_AT_OPEN_MAX:
+        if not self.buffer.checked_at_open:
             threading.Thread(target=self._check_integrity, name="integrity-check", daemon=True).start()
         next_bounds = next_status = next_watchdog = time.monotonic()
         while not self._stop.is_set():

@@ -57,8 +57,9 @@ def test_readings_survive_reopen_and_batches_keep_their_id(tmp_path: Path) -> No
     b.store([uplink(100)])
     b.close()
     b = make(tmp_path)
-    (pending,) = b.pending()
-    assert pending.batch_id == batch.batch_id and pending.payload == batch.payload
+    assert b.pending_seqs() == [batch.seq]
+    pending = b.batch(batch.seq)
+    assert pending is not None and pending.batch_id == batch.batch_id and pending.payload == batch.payload
     assert b.depth().readings == 3 and b.depth().total_readings == 33
     nxt = b.take(live=False)
     assert nxt is not None and nxt.seq > batch.seq and nxt.batch_id == f"gw-t-01-{nxt.seq:012d}"
@@ -73,7 +74,7 @@ def test_confirm_deletes_only_the_confirmed_batch(tmp_path: Path) -> None:
     second = b.take(live=True)
     assert first is not None and second is not None
     b.confirm(second.seq)
-    assert [p.seq for p in b.pending()] == [first.seq]
+    assert b.pending_seqs() == [first.seq]
     assert b.depth().total_readings == 12
 
 
@@ -157,7 +158,7 @@ def test_enforce_bounds_drops_formed_batches_but_never_one_in_flight(tmp_path: P
     b.max_size = len(flying.payload)
     gap = b.enforce_bounds(in_flight=[flying.seq])
     assert gap is not None and gap.readings == old.readings
-    assert [p.seq for p in b.pending()] == [flying.seq]
+    assert b.pending_seqs() == [flying.seq]
 
 
 def test_max_age_drops_old_readings_but_not_batches_in_flight(tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_max_age_drops_old_readings_but_not_batches_in_flight(tmp_path: Path) ->
     b.store([uplink(2, received_ms=0), uplink(3, received_ms=100_000)])
     gap = b.enforce_bounds(in_flight=[in_flight.seq], at_ms=100_000)
     assert gap is not None and gap.readings == 3 and gap.reasons == ["max_age"]
-    assert [p.seq for p in b.pending()] == [in_flight.seq]
+    assert b.pending_seqs() == [in_flight.seq]
     assert b.depth().readings == 3
 
 

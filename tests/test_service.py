@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from gateway import buffer as buffer_module
-from gateway import service as service_module
 from gateway.buffer import Buffer, damage_marker, now_ms
 from gateway.config import load_config
 from gateway.model import DecodedUplink, DeviceKey, Reading
@@ -35,7 +34,6 @@ def test_damage_found_by_the_background_check_stops_with_exit_3_and_a_marker(
     )
     b.close()
     monkeypatch.setattr(buffer_module, "QUICK_CHECK_AT_OPEN_MAX", 0)
-    monkeypatch.setattr(service_module, "QUICK_CHECK_AT_OPEN_MAX", 0)
     service = Service(load_config(cfg), sources=[])
     data = bytearray(path.read_bytes())
     data[4096 * 1 : 4096 * 1 + 12] = b"\x07" * 12  # the uplinks table's root page, under its feet
