@@ -2,12 +2,17 @@
 
 `resolve` turns an `Uplink` into one outcome: a `DecodedUplink` ready for the buffer, a
 `DeadLetter` (the codec rejected the payload), `Unmapped` (no device map names the device)
-or `ForeignTenant` (the device belongs to another ChirpStack tenant than its map says).
+or `ForeignTenant` (the device belongs to another ChirpStack tenant than its map says, or the
+uplink names no tenant while the map expects one: the check fails closed).
+
+Tags from the map go into the series' meta; a tag named like a value the network measured
+(`rssi`, `f_cnt`, ...) loses to the network's value.
 """
 
 from __future__ import annotations
 
 import math
+import uuid
 from typing import Any
 
 from gateway.codecs import CODECS, DecodeContext
@@ -63,6 +68,20 @@ def apply_overrides(readings: list[Reading], entry: DeviceEntryBase, default_uni
     return out
 
 
+def _tenant_key(tenant: str | None) -> uuid.UUID | None:
+    """A ChirpStack tenant id as a UUID; None for an absent, empty or malformed one."""
+    try:
+        return uuid.UUID(tenant) if tenant else None
+    except ValueError:
+        return None
+
+
+def _same_tenant(expected: str, network_tenant: str | None) -> bool:
+    """Fail closed: an uplink that names no tenant, or an unreadable one, is not the expected tenant's."""
+    want = _tenant_key(expected)
+    return want is not None and want == _tenant_key(network_tenant)
+
+
 def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
     """Map, check and decode one uplink. Never raises for a bad payload: that is a dead letter."""
     mapped = devices.get(uplink.device)
@@ -70,7 +89,7 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         return Unmapped(uplink)
     entry = mapped.entry
     expected = mapped.network_tenant
-    if expected is not None and uplink.network_tenant is not None and uplink.network_tenant != expected:
+    if expected is not None and not _same_tenant(expected, uplink.network_tenant):
         return ForeignTenant(uplink, entry.sensor_id, expected)
     codec = CODECS[entry.codec]
     ctx = DecodeContext(
@@ -114,4 +133,5 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         meta=meta,
         readings=tuple(readings),
         dedup_key=uplink.dedup_key,
+        payload=uplink.payload,
     )

@@ -69,6 +69,8 @@ class DecodedUplink:
     readings: tuple[Reading, ...]
     #: Key of idempotent intake; `source` when None.
     dedup_key: str | None = None
+    #: The raw payload, kept in case the buffer must make the uplink a dead letter after all.
+    payload: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ systemctl daemon-reload
 systemctl enable hub-gateway.service
 cat <<MSG
 Installed. Next:
-  1. put the thing's certificate, key (chmod 600, chown hub-gateway) and AmazonRootCA1.pem in /etc/hub-gateway/certs/
+  1. put the thing's certificate, its key (unencrypted, chmod 600, chown hub-gateway) and AmazonRootCA1.pem in /etc/hub-gateway/certs/
   2. edit /etc/hub-gateway/gateway.yaml and /etc/hub-gateway/devices/*.yaml
   3. $prefix/venv/bin/hub-gateway check -c /etc/hub-gateway/gateway.yaml
   4. systemctl start hub-gateway && journalctl -u hub-gateway -f

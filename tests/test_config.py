@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from gateway.config import ConfigError, load_config, load_device_maps
 from gateway.config.types import parse_duration, parse_size
 from gateway.model import DeviceKey
 from gateway.schemas import schemas
+from tests.support.certs import TestCerts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,15 +149,16 @@ def test_topic_placeholders_and_wildcards_are_refused(tmp_path: Path) -> None:
     assert load_config(path).settings.cloud.topic_for(load_config(path).settings.gateway) == "$aws/rules/r1/gw-t-01"
 
 
-def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+def test_private_key_readable_by_others_is_refused(tmp_path: Path, certs: TestCerts) -> None:
     """check refuses a key with group/other permissions and a file that is not PEM."""
-    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    pair = certs.client("gw-t-01")
     (tmp_path / "dev.crt").write_text("not pem")
     key = tmp_path / "dev.key"
-    key.write_text("-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n")
+    shutil.copy(pair.key, key)
     os.chmod(key, 0o644)
     cloud = (
-        "cloud: {kind: iot-core, endpoint: x-ats.iot.eu-west-2.amazonaws.com, ca: ca.pem, cert: dev.crt, key: dev.key}"
+        "cloud: {kind: iot-core, endpoint: x-ats.iot.eu-west-2.amazonaws.com, "
+        f"ca: {certs.ca_cert}, cert: dev.crt, key: dev.key}}"
     )
     path = write_site(tmp_path, GOOD.replace("cloud: {kind: directory, directory: out}", cloud))
     problems = problems_of(path)
@@ -163,7 +166,7 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert "cloud.cert" in problems[0] and "is not a PEM certificate" in problems[0]
     assert "cloud.key" in problems[1] and "readable by group or others (mode 0644)" in problems[1]
     os.chmod(key, 0o600)
-    (tmp_path / "dev.crt").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    shutil.copy(pair.cert, tmp_path / "dev.crt")
     assert load_config(path).settings.cloud.kind == "iot-core"
 
 

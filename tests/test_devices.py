@@ -65,3 +65,19 @@ def test_unmapped_foreign_tenant_and_dead_letter_outcomes() -> None:
     assert isinstance(resolve(up(FRAME), m), DecodedUplink)
     dead = resolve(up(FRAME[:-2]), m)
     assert isinstance(dead, DeadLetter) and dead.reason.startswith("osm-v2: ") and dead.payload == FRAME[:-2]
+
+
+def test_tenant_check_fails_closed_when_the_uplink_names_no_tenant() -> None:
+    """A map that expects a tenant drops an uplink whose tenant is absent, empty or not a UUID."""
+    m = devices(chirpstack_tenant_id=TENANT)
+    for tenant in (None, "", "not-a-uuid"):
+        out = resolve(up(FRAME, tenant=tenant), m)
+        assert isinstance(out, ForeignTenant) and out.expected == TENANT, tenant
+    assert isinstance(resolve(up(FRAME, tenant=None), devices()), DecodedUplink)  # no tenant expected
+
+
+def test_tenant_ids_compare_case_insensitively() -> None:
+    """A tenant written in upper case, in the map or in the uplink, is the same tenant."""
+    assert isinstance(resolve(up(FRAME), devices(chirpstack_tenant_id=TENANT.upper())), DecodedUplink)
+    assert isinstance(resolve(up(FRAME, tenant=TENANT.upper()), devices(chirpstack_tenant_id=TENANT)), DecodedUplink)
+

@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, NoReturn, get_args, get_origin
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -54,8 +55,16 @@ def _problems_from(exc: ValidationError, doc: YamlDocument, name: str, root_mode
     problems = []
     for err in exc.errors(include_url=False):
         loc = [part for part in err["loc"] if not _is_variant_tag(part)]
-        path = ".".join(str(p) for p in loc)
         kind = err["type"]
+        if loc and loc[-1] == "[key]":
+            # A bad dict key (a tag name): point at the key itself; the message names it.
+            loc = loc[:-1]
+            line, col = doc.locate_key(loc)
+            path = ".".join(str(p) for p in loc[:-1])
+            text = err["msg"].removeprefix("Value error, ")
+            problems.append(Problem(name, line, col, f"{path}: key {loc[-1]!r}: {text}"))
+            continue
+        path = ".".join(str(p) for p in loc)
         if kind == "extra_forbidden":
             key = str(loc[-1]) if loc else "?"
             line, col = doc.locate_key(loc)
@@ -202,7 +211,8 @@ def load_device_maps(files: Sequence[Path]) -> DeviceMap:
             entries = _valid_entries(doc.root.get("devices"))
             file_tenant = None
         for i, entry in entries:
-            if entry.chirpstack_tenant_id is None and file_tenant is not None:
+            # The file's tenant is that of its LoRaWAN devices; OSM units have none.
+            if entry.chirpstack_tenant_id is None and file_tenant is not None and entry.dev_eui is not None:
                 entry = entry.model_copy(update={"chirpstack_tenant_id": file_tenant})
             line, col = doc.locate(["devices", i])
             mapped = MappedDevice(entry, name, line, col)
@@ -244,7 +254,8 @@ def _valid_entries(raw: Any) -> list[tuple[int, DeviceEntryBase]]:
 
 
 def check_files(settings: Settings, path: Path) -> list[Problem]:
-    """Problems with the files gateway.yaml names: certificates and keys (exist, PEM, mode)."""
+    """Problems with the files gateway.yaml names: certificates and keys (exist, PEM, mode, the key
+    unencrypted and the certificate's own)."""
     problems: list[Problem] = []
     try:
         doc = load_yaml(path)
@@ -252,20 +263,89 @@ def check_files(settings: Settings, path: Path) -> list[Problem]:
         return exc.problems
     cloud = settings.cloud
     if isinstance(cloud, IotCoreCloud):
-        for field, kind in (("ca", "CERTIFICATE"), ("cert", "CERTIFICATE"), ("key", "PRIVATE KEY")):
-            problems += _check_pem(getattr(cloud, field), kind, doc, ["cloud", field], secret=field == "key")
+        problems += _check_tls_files(doc, ["cloud"], cloud.ca, cloud.cert, cloud.key)
     for i, source in enumerate(settings.sources):
         tls = source.broker.tls
         if tls is not None:
-            for field, kind in (("ca", "CERTIFICATE"), ("cert", "CERTIFICATE"), ("key", "PRIVATE KEY")):
-                value = getattr(tls, field)
-                if value is not None:
-                    loc = ["sources", i, "broker", "tls", field]
-                    problems += _check_pem(value, kind, doc, loc, secret=field == "key")
+            problems += _check_tls_files(doc, ["sources", i, "broker", "tls"], tls.ca, tls.cert, tls.key)
         if source.broker.password_file is not None:
             loc = ["sources", i, "broker", "password_file"]
             problems += _check_secret_file(source.broker.password_file, doc, loc)
     return problems
+
+
+def _check_tls_files(doc: YamlDocument, at: list[Any], ca: Path, cert: Path | None, key: Path | None) -> list[Problem]:
+    """The CA, certificate and key of one TLS client; the pair is tried when both are PEM files."""
+    problems: list[Problem] = []
+    pair_readable = True
+    for field, file, kind in (("ca", ca, "CERTIFICATE"), ("cert", cert, "CERTIFICATE"), ("key", key, "PRIVATE KEY")):
+        if file is None:
+            continue
+        problem = _check_pem(file, kind, doc, [*at, field])
+        if problem is not None:
+            problems.append(problem)
+            pair_readable = pair_readable and field == "ca"
+        elif field == "key":
+            problems += _check_secret_file(file, doc, [*at, field])
+    # A key with a loose mode is still worth trying with its certificate: report both at once.
+    if cert is not None and key is not None and pair_readable:
+        problems += _check_key_pair(cert, key, doc, at)
+    return problems
+
+
+class _PassphraseAsked(Exception):
+    """OpenSSL asked for a passphrase: the key is encrypted."""
+
+
+def _refuse_passphrase() -> NoReturn:
+    # Called by OpenSSL instead of prompting on the terminal; raising makes load_cert_chain fail.
+    raise _PassphraseAsked
+
+
+# OpenSSL's reasons when a key loads but is not the certificate's (same type, or another type).
+_MISMATCH_REASONS = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED", "KEY_TYPE_MISMATCH"})
+
+
+def _check_key_pair(cert: Path, key: Path, doc: YamlDocument, at: list[Any]) -> list[Problem]:
+    """Load the pair as the TLS client will: the key must be unencrypted and the certificate's."""
+    where = ".".join(map(str, at))
+    key_line, key_col = doc.locate([*at, "key"])
+    name = str(doc.path)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _PassphraseAsked:
+        return [
+            Problem(
+                name,
+                key_line,
+                key_col,
+                f"{where}.key: {key} is encrypted with a passphrase; the daemon needs an unencrypted key "
+                f"(openssl pkey -in {key} -out {key}.new)",
+            )
+        ]
+    except ssl.SSLError as exc:
+        if exc.reason in _MISMATCH_REASONS:
+            return [
+                Problem(
+                    name,
+                    key_line,
+                    key_col,
+                    f"{where}.cert and {where}.key do not belong together (the key is not the certificate's): "
+                    f"{cert}, {key}",
+                )
+            ]
+        reason = exc.reason or exc.library or "unreadable"
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+        except ssl.SSLError:
+            line, col = doc.locate([*at, "cert"])
+            text = f"{where}.cert: {cert} is not a usable PEM certificate (OpenSSL: {reason})"
+            return [Problem(name, line, col, text)]
+        text = f"{where}.key: {key} is not a usable private key (OpenSSL: {reason})"
+        return [Problem(name, key_line, key_col, text)]
+    except OSError as exc:
+        return [Problem(name, key_line, key_col, f"{where}.cert/{where}.key: cannot read: {exc.strerror or exc}")]
+    return []
 
 
 def _check_secret_file(file: Path, doc: YamlDocument, loc: list[Any]) -> list[Problem]:
@@ -288,19 +368,18 @@ def _check_secret_file(file: Path, doc: YamlDocument, loc: list[Any]) -> list[Pr
     return []
 
 
-def _check_pem(file: Path, kind: str, doc: YamlDocument, loc: list[Any], secret: bool) -> list[Problem]:
+def _check_pem(file: Path, kind: str, doc: YamlDocument, loc: list[Any]) -> Problem | None:
+    """The file is readable and holds a PEM block of `kind`."""
     line, col = doc.locate(loc)
     name = str(doc.path)
     where = ".".join(map(str, loc))
     try:
         head = file.read_bytes()[: 1 << 16]
     except OSError as exc:
-        return [Problem(name, line, col, f"{where}: cannot read {file}: {exc.strerror}")]
+        return Problem(name, line, col, f"{where}: cannot read {file}: {exc.strerror}")
     if b"-----BEGIN " not in head or kind.encode() not in head:
-        return [Problem(name, line, col, f"{where}: {file} is not a PEM {kind.lower()}")]
-    if secret:
-        return _check_secret_file(file, doc, loc)
-    return []
+        return Problem(name, line, col, f"{where}: {file} is not a PEM {kind.lower()}")
+    return None
 
 
 def load_config(path: Path | str, check_certs: bool = True) -> Config:

@@ -6,7 +6,9 @@ from the codec registry, so `options` are validated against the codec the entry 
 
 from __future__ import annotations
 
+import math
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
@@ -14,45 +16,108 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import AfterValidator, Field, WithJsonSchema, create_model, model_validator
 
 from gateway.codecs import CODECS
-from gateway.config.types import Strict
+from gateway.config.types import Strict, schema_pattern
 from gateway.model import DeviceKey
 
-_DEV_EUI = re.compile(r"^[0-9A-Fa-f]{16}$")
-_OSM_ID = re.compile(r"^[0-9A-Fa-f]{8}$")
-_SENSOR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_METRIC = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
+# Matched with fullmatch (`$` would also accept a trailing newline); schema_pattern anchors
+# them for editors.
+_DEV_EUI = re.compile(r"[0-9A-Fa-f]{16}")
+_OSM_ID = re.compile(r"[0-9A-Fa-f]{8}")
+_SENSOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_METRIC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
+_TAG_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_TENANT_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+TAG_TEXT_MAX = 256
+# Tags end up in Snowflake's metadata; an integer there must fit NUMBER(38).
+TAG_INT_LIMIT = 10**38
 
 
 def _matching(pattern: re.Pattern[str], what: str) -> Any:
     def check(value: str) -> str:
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise ValueError(what)
         return value
 
     return AfterValidator(check)
 
 
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, not {value}")
+    return value
+
+
+def _tag_value(value: str | int | float | bool) -> str | int | float | bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) >= TAG_INT_LIMIT:
+        raise ValueError("integer tag is too large: the cloud stores at most 38 digits (NUMBER(38))")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"tag value {value} is not a finite number")
+    if isinstance(value, str) and len(value) > TAG_TEXT_MAX:
+        raise ValueError(f"tag value is {len(value)} characters long; at most {TAG_TEXT_MAX} are allowed")
+    return value
+
+
+def _tenant_uuid(value: str) -> str:
+    """A ChirpStack tenant id: a UUID written 8-4-4-4-12, any case; kept in canonical lower case."""
+    if not _TENANT_UUID.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a UUID (ChirpStack shows the tenant id as "
+            "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        )
+    return str(uuid.UUID(value))
+
+
 DevEui = Annotated[
     str,
     _matching(_DEV_EUI, "dev_eui must be 16 hex digits, e.g. 70b3d57ed0001234"),
     AfterValidator(str.lower),
-    WithJsonSchema({"type": "string", "pattern": _DEV_EUI.pattern}),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_DEV_EUI)}),
 ]
 OsmId = Annotated[
     str,
     _matching(_OSM_ID, "osm_id must be the 8 hex digits of the unit's HWID, e.g. 0A1B2C3D"),
     AfterValidator(str.upper),
-    WithJsonSchema({"type": "string", "pattern": _OSM_ID.pattern}),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_OSM_ID)}),
 ]
 SensorId = Annotated[
     str,
     _matching(_SENSOR_ID, "sensor_id must be 1-128 letters, digits, '.', '_', ':' or '-'"),
-    WithJsonSchema({"type": "string", "pattern": _SENSOR_ID.pattern}),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_SENSOR_ID)}),
 ]
 MetricName = Annotated[
     str,
     _matching(_METRIC, "metric names are 1-128 letters, digits, '_', '.', ':' or '-'"),
-    WithJsonSchema({"type": "string", "pattern": _METRIC.pattern}),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_METRIC)}),
+]
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+TagKey = Annotated[
+    str,
+    _matching(_TAG_KEY, "tag names are 1-64 letters, digits, '_', '.', ':' or '-'"),
+]
+TagValue = Annotated[str | int | float | bool, AfterValidator(_tag_value)]
+Tags = Annotated[
+    dict[TagKey, TagValue],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": schema_pattern(_TAG_KEY)},
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "string", "maxLength": TAG_TEXT_MAX},
+                    {"type": "integer", "exclusiveMinimum": -TAG_INT_LIMIT, "exclusiveMaximum": TAG_INT_LIMIT},
+                    {"type": "number"},
+                    {"type": "boolean"},
+                ]
+            },
+        }
+    ),
+]
+ChirpStackTenantId = Annotated[
+    str,
+    AfterValidator(_tenant_uuid),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_TENANT_UUID)}),
 ]
 
 
@@ -60,8 +125,8 @@ class MetricOverride(Strict):
     """How one decoded metric is renamed, scaled and labelled for the cloud."""
 
     name: MetricName | None = Field(default=None, description="Name the cloud sees instead of the codec's.")
-    scale: float | None = Field(default=None, description="Multiply the value by this.")
-    offset: float | None = Field(default=None, description="Then add this.")
+    scale: FiniteFloat | None = Field(default=None, description="Multiply the value by this.")
+    offset: FiniteFloat | None = Field(default=None, description="Then add this.")
     unit: str | None = Field(default=None, max_length=32, description="Unit the cloud sees.")
 
 
@@ -71,22 +136,30 @@ class DeviceEntryBase(Strict):
     dev_eui: DevEui | None = Field(default=None, description="LoRaWAN DevEUI: 16 hex digits, any case.")
     osm_id: OsmId | None = Field(default=None, description="OSM Wi-Fi/PoE unit: the 8-hex HWID in its topic.")
     sensor_id: SensorId = Field(description="What the cloud sees; unique within the tenant.")
-    tags: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="Copied into every series' meta."
+    tags: Tags = Field(
+        default_factory=dict,
+        description="Copied into every series' meta (what the network measured wins over a tag of "
+        "the same name). Names: 1-64 letters, digits, '_', '.', ':' or '-'; values: text of at most "
+        "256 characters, finite numbers, integers of at most 38 digits, or true/false.",
     )
     metrics: dict[str, MetricOverride] = Field(
         default_factory=dict, description="Per decoded metric: rename, scale, offset, unit."
     )
-    chirpstack_tenant_id: str | None = Field(
+    chirpstack_tenant_id: ChirpStackTenantId | None = Field(
         default=None,
-        description="ChirpStack tenant (UUID) the device must belong to; uplinks from another "
-        "tenant are dropped and counted. Defaults to the file's chirpstack_tenant_id.",
+        description="ChirpStack tenant (UUID) the LoRaWAN device must belong to; uplinks from another "
+        "tenant, or that name none, are dropped and counted. Defaults to the file's chirpstack_tenant_id.",
     )
 
     @model_validator(mode="after")
     def _one_identity(self) -> DeviceEntryBase:
         if (self.dev_eui is None) == (self.osm_id is None):
             raise ValueError("give exactly one of dev_eui (LoRaWAN) or osm_id (OSM Wi-Fi/PoE)")
+        if self.osm_id is not None and self.chirpstack_tenant_id is not None:
+            # OSM units publish directly, not through ChirpStack: none of their uplinks would pass.
+            raise ValueError(
+                "chirpstack_tenant_id is for LoRaWAN devices (dev_eui); an OSM unit has no ChirpStack tenant"
+            )
         return self
 
     @property
@@ -129,8 +202,9 @@ else:
 class DeviceMapFile(Strict):
     """One device-map file."""
 
-    chirpstack_tenant_id: str | None = Field(
-        default=None, description="ChirpStack tenant (UUID) every LoRaWAN device in this file must belong to."
+    chirpstack_tenant_id: ChirpStackTenantId | None = Field(
+        default=None,
+        description="ChirpStack tenant (UUID) every LoRaWAN (dev_eui) device in this file must belong to.",
     )
     devices: list[DeviceEntry] = Field(default_factory=list, description="The devices.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -58,6 +59,11 @@ class _LocalSource(Strict):
         default=7 * 86400.0,
         description="How long the broker keeps our session and queued QoS 1 messages while the daemon is away.",
     )
+    max_message_size: Size = Field(
+        default=256 * 1024,
+        description="Largest message accepted from the local broker; a bigger one is a dead letter holding "
+        "its size and first bytes, never its whole payload.",
+    )
 
     @field_validator("client_id")
     @classmethod
@@ -110,6 +116,14 @@ class _Cloud(Strict):
     @field_validator("topic")
     @classmethod
     def _topic_is_safe(cls, value: str) -> str:
+        for i, char in enumerate(value):
+            # NUL, spaces, line breaks, control and format characters (U+202E and the other bidi
+            # overrides) cannot be seen in a log or a console and have no place in a topic.
+            if char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
+                raise ValueError(
+                    f"topic contains {unicodedata.name(char, 'a control character')} (U+{ord(char):04X}) at "
+                    f"position {i + 1}; topics may not contain NUL, whitespace, control or format characters"
+                )
         for name in _PLACEHOLDER.findall(value):
             if name not in _TOPIC_FIELDS:
                 raise ValueError(f"unknown placeholder {{{name}}} (use {{tenant_id}}, {{site_id}}, {{gateway_id}})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,9 +24,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+# Matched with fullmatch: `$` would also accept a trailing newline (a YAML `|` block scalar).
+# Spaces only, and ASCII digits only (`\d` would take any Unicode digit, which float() reads).
+_DURATION = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *(ms|s|m|h|d) *")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *(B|KiB|MiB|GiB)? *")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
@@ -36,10 +39,12 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        match = _DURATION.match(str(value))
+        match = _DURATION.fullmatch(str(value))
         if not match:
             raise ValueError(f"{value!r} is not a duration: write 500ms, 5s, 10m, 2h or 7d")
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a duration: write 500ms, 5s, 10m, 2h or 7d")
     if seconds <= 0:
         raise ValueError("a duration must be greater than zero")
     return seconds
@@ -52,7 +57,7 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         size = value
     else:
-        match = _SIZE.match(str(value))
+        match = _SIZE.fullmatch(str(value))
         if not match:
             raise ValueError(f"{value!r} is not a size: write e.g. 120KiB, 64MiB or 1GiB")
         size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
@@ -68,11 +73,20 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
+def schema_pattern(pattern: re.Pattern[str]) -> str:
+    """The JSON-Schema (ECMA-262) form of a pattern used with `fullmatch`: anchored at both ends."""
+    return f"^(?:{pattern.pattern})$"
+
+
+def _id_pattern(max_len: int) -> re.Pattern[str]:
+    return re.compile(rf"[a-z0-9][a-z0-9-]{{0,{max_len - 1}}}")
+
+
 def _id_rule(max_len: int, what: str) -> Any:
-    pattern = re.compile(rf"^[a-z0-9][a-z0-9-]{{0,{max_len - 1}}}$")
+    pattern = _id_pattern(max_len)
 
     def check(value: str) -> str:
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise ValueError(
                 f"{what} {value!r} must be 1-{max_len} lower-case letters, digits or '-', "
                 "starting with a letter or digit"
@@ -86,21 +100,21 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(lambda s: f"{s:g}s", return_type=str),
-    WithJsonSchema({"type": ["string", "number"], "pattern": _DURATION.pattern}),
+    WithJsonSchema({"type": ["string", "number"], "pattern": schema_pattern(_DURATION)}),
 ]
 Size = Annotated[
     int,
     BeforeValidator(parse_size),
-    WithJsonSchema({"type": ["string", "integer"], "pattern": _SIZE.pattern}),
+    WithJsonSchema({"type": ["string", "integer"], "pattern": schema_pattern(_SIZE)}),
 ]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 GatewayId = Annotated[
     str,
     AfterValidator(_id_rule(63, "gateway id")),
-    WithJsonSchema({"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_id_pattern(63))}),
 ]
 TenantId = Annotated[
     str,
     AfterValidator(_id_rule(50, "id")),
-    WithJsonSchema({"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,49}$"}),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_id_pattern(50))}),
 ]
