@@ -24,7 +24,9 @@ intake is one INSERT per uplink and forming a batch is a string join.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import wire
-from gateway.errors import BufferFullError, DiskFullError
+from gateway.errors import BufferBusyError, BufferFullError, BufferLostError, DiskFullError
 from gateway.model import (
     Batch,
     DeadLetter,
@@ -52,6 +54,14 @@ from gateway.model import (
 SCHEMA_VERSION = 1
 DEAD_LETTERS_KEPT = 10_000
 UNMAPPED_KEPT = 10_000
+#: Dead letters and unmapped uplinks each keep at most this share of `max_size` (their bytes
+#: count in it too), so evidence of bad input can never crowd out the readings.
+SIDE_STORE_SHARE = 10
+UNMAPPED_DEVICES_KEPT = 1_000  # rows of never-mapped devices in the `devices` table
+#: Integers the cloud can store: Snowflake's NUMBER(38).
+CLOUD_INT_LIMIT = 10**38
+#: Room left in a message around one uplink's series (header, brackets, a gap's meta).
+MESSAGE_OVERHEAD = 1024
 SEEN_KEPT_MS = 2 * 86_400_000  # idempotency keys older than this are forgotten
 SEEN_KEPT_ROWS = 100_000  # and at most this many are kept (about 17 MiB in memory, measured)
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -60,6 +70,7 @@ DRAIN_RESERVE = 1024**2  # disk only the drain may use, so a full disk still dra
 COMPACT_ABOVE = 8 * 1024**2  # unbatched series text beyond this is packed into batches (`compact`)
 QUICK_CHECK_AT_OPEN_MAX = 64 * 1024**2  # larger files are checked after READY (`integrity_problems`)
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 8, 10, 14
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uplinks (
@@ -127,6 +138,16 @@ CREATE TABLE IF NOT EXISTS state (       -- small facts: totals, next batch seq,
 
 
 _BATCH_COLUMNS = "seq, created_ms, readings, gzip, payload"
+_TOTAL_KEYS = (
+    "uplinks",
+    "readings",
+    "bytes",
+    "batches",
+    "batch_readings",
+    "batch_bytes",
+    "dead_letter_bytes",
+    "unmapped_bytes",
+)
 
 
 def now_ms() -> int:
@@ -166,6 +187,44 @@ def is_damage(exc: BaseException) -> bool:
     return (
         isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
     )
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """True when the file cannot be written at all: read-only filesystem, I/O error, gone."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and code is not None
+        and code & 0xFF
+        in (
+            _SQLITE_READONLY,
+            _SQLITE_IOERR,
+            _SQLITE_CANTOPEN,
+        )
+    )
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file beside the buffer: one daemon per buffer (`flock`, released at exit)."""
+    return path.with_name(path.name + ".lock")
+
+
+def lock_buffer(path: Path) -> int:
+    """Take the buffer's exclusive lock, or raise `BufferBusyError` naming the holder's pid.
+
+    `flock` is released by the kernel when the process ends, however it ends (kill -9
+    included), so a stale lock file never blocks a restart.
+    """
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BufferBusyError(f"already running (pid {holder}): {path} is in use by another hub-gateway") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -285,6 +344,9 @@ class Depth:
     batch_readings: int = 0
     batch_bytes: int = 0
     oldest_ms: int | None = None
+    #: Live only: when (monotonic seconds) the oldest live uplink was stored. Scheduling uses
+    #: this, never wall time, so a clock step cannot hold back or rush live readings.
+    since: float | None = None
 
     @property
     def total_readings(self) -> int:
@@ -341,6 +403,30 @@ class Gap:
         }
 
 
+def _unencodable(uplink: DecodedUplink) -> str | None:
+    """Which value of the uplink JSON cannot hold (NaN, infinity), in words, or None."""
+    for key, value in uplink.meta.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"meta field {key!r} is {value} (not a finite number)"
+    for r in uplink.readings:
+        if isinstance(r.value, float) and not math.isfinite(r.value):
+            return f"{r.metric} is {r.value} (not a finite number)"
+    return None
+
+
+def _as_dead_letter(uplink: DecodedUplink, reason: str) -> DeadLetter:
+    """A decoded uplink the cloud cannot take, kept with its raw payload and the reason."""
+    return DeadLetter(
+        device=uplink.device,
+        source=uplink.source,
+        f_port=uplink.meta.get("f_port") if isinstance(uplink.meta.get("f_port"), int) else None,
+        reason=reason,
+        payload=uplink.payload,
+        received_ms=uplink.received_ms,
+        sensor_id=uplink.sensor_id,
+    )
+
+
 def _uplink_json(uplink: Uplink) -> str:
     return json.dumps(
         {
@@ -391,7 +477,8 @@ class Buffer:
     ) -> None:
         self.path = Path(path)
         self._ids = (gateway_id, tenant_id, site_id)
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # lowered by the service when the link refuses a message as too large
+        self._configured_max_bytes = max_bytes
         self.gzip = gzip
         self.max_size = max_size
         self.max_age_ms = int(max_age_s * 1000)
@@ -401,6 +488,8 @@ class Buffer:
         self._live = Depth()
         self._gap = Gap()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Before anything touches the file: a second daemon on it would corrupt it.
+        self._lock_fd: int | None = lock_buffer(self.path)
         #: Set when the file was damaged at start-up and moved aside (the service says so loudly).
         self.recovered: Recovered | None = None
         #: Whether `quick_check` ran at open; if not (a large file), the service runs
@@ -409,7 +498,13 @@ class Buffer:
         self._page_size = 0
         self._seen: dict[str, None] = {}
         self._device_stats: dict[str, dict[str, Any]] = {}
-        self._db = self._open()
+        try:
+            self._db = self._open()
+        except BaseException:
+            self._unlock()
+            raise
+        st = self.path.stat()
+        self._identity = (st.st_dev, st.st_ino)  # to notice the file deleted or replaced under us
         # Uplinks with id >= live_from are live; older ones are backlog (see `mark_live`).
         self._next_id = self._next_uplink_id()
         self.live_from = self._next_id
@@ -430,8 +525,11 @@ class Buffer:
         reason = marker.read_text().strip() if marker.exists() else None
         reason = reason or file_damage(self.path)
         if reason is None:
-            db = connect(self.path)
+            db = None
             try:
+                # Inside the try: `PRAGMA journal_mode=WAL` is the first read of page 1, and a
+                # damaged page 1 fails right there.
+                db = connect(self.path)
                 self._db = db
                 db.executescript(_SCHEMA)
                 self._init_state()
@@ -441,13 +539,15 @@ class Buffer:
                     if [r[0] for r in rows] != ["ok"]:
                         reason = "; ".join(str(r[0]) for r in rows)
             except sqlite3.DatabaseError as exc:
-                if not is_damage(exc):
+                if db is not None:
                     db.close()
+                if not is_damage(exc):
                     raise
                 reason = str(exc)
-            if reason is None:
-                return db
-            db.close()
+            else:
+                if reason is None:
+                    return db
+                db.close()
         moved = quarantine(self.path)
         self.recovered = Recovered(moved, reason)
         self.checked_at_open = True  # a new, empty file
@@ -467,8 +567,12 @@ class Buffer:
         with self._tx():
             self._db.execute("INSERT OR IGNORE INTO state VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
-            totals = json.loads(row[0]) if row is not None else self._recount()
+            totals = json.loads(row[0]) if row is not None else {}
             totals.pop("seen", None)
+            if set(totals) != set(_TOTAL_KEYS) or any(v < 0 for v in totals.values()):
+                # Never trust impossible totals (a second writer once drove them negative, and a
+                # negative backlog never drains): count the file again.
+                totals = self._recount()
             self._set_state("totals", json.dumps(totals))
         self._totals = totals
         self._gap = Gap(**json.loads(self._get_state("gap") or "{}"))
@@ -489,6 +593,8 @@ class Buffer:
         b = self._db.execute(
             "SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(payload)),0) FROM batches"
         ).fetchone()
+        dead = self._db.execute("SELECT coalesce(sum(length(payload)),0) FROM dead_letters").fetchone()[0]
+        kept = self._db.execute("SELECT coalesce(sum(length(uplink)),0) FROM unmapped").fetchone()[0]
         return {
             "uplinks": u[0],
             "readings": u[1],
@@ -496,6 +602,8 @@ class Buffer:
             "batches": b[0],
             "batch_readings": b[1],
             "batch_bytes": b[2],
+            "dead_letter_bytes": dead,
+            "unmapped_bytes": kept,
         }
 
     def _get_state(self, key: str) -> str | None:
@@ -531,6 +639,7 @@ class Buffer:
     # frees pages that intake reuses.
 
     def _cap(self, drain: bool) -> None:
+        self._check_file()
         fs = os.statvfs(self.path.parent)
         free = fs.f_bavail * fs.f_frsize
         wal = self.path.with_name(self.path.name + "-wal")
@@ -540,6 +649,59 @@ class Buffer:
         unhomed = max(0, pages * page_size - self.path.stat().st_size)
         room = free - unhomed - wal_needs - (0 if drain else DRAIN_RESERVE)
         self._db.execute(f"PRAGMA max_page_count={pages + max(0, room // page_size)}")
+
+    def _check_file(self) -> None:
+        """Raise `BufferLostError` when the file we write is no longer the one at `path`.
+
+        `rm buffer.db` under a running daemon leaves SQLite writing to an unlinked inode: every
+        commit would succeed and be acknowledged upstream, and vanish at the next start.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise BufferLostError(f"the buffer file {self.path} was deleted while the daemon ran") from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise BufferLostError(f"the buffer file {self.path} was replaced by another file while the daemon ran")
+
+    def rescue(self) -> Path | None:
+        """After `BufferLostError`: write what the open database holds back to `path`.
+
+        SQLite's backup API reads through our connection (the unlinked file and its WAL are
+        still open), into a new file beside it that is then renamed into place, so the next
+        start carries on with every reading that was acknowledged. If another file now stands
+        at `path`, the copy keeps its own `.rescued-<UTC>` name. Returns where the copy is, or
+        None if it could not be written. Closes the buffer.
+        """
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        copy_path = self.path.with_name(f"{self.path.name}.rescued-{stamp}")
+        with self._lock:
+            try:
+                target = sqlite3.connect(str(copy_path))
+                try:
+                    self._db.backup(target)
+                finally:
+                    target.close()
+            except (sqlite3.Error, OSError):
+                copy_path.unlink(missing_ok=True)
+                self.close()
+                return None
+            # Closing checkpoints into the unlinked file and removes the old -wal/-shm by name,
+            # which must not be applied to the copy.
+            self.close()
+            if not self.path.exists():
+                copy_path.rename(self.path)
+                return self.path
+            return copy_path
+
+    def abandon(self) -> None:
+        """Give up the file without writing to it again (it is damaged): release the lock only."""
+        with self._lock:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def _pages(self) -> tuple[int, int]:
         if self._page_size == 0:
@@ -557,8 +719,10 @@ class Buffer:
     # ---- intake ------------------------------------------------------------------------
 
     def _total_bytes(self) -> int:
-        """Bytes of readings held (series text and formed messages): what max_size bounds."""
-        return self._totals["bytes"] + self._totals["batch_bytes"]
+        """What max_size bounds: readings held (series text and formed messages), and the dead
+        letters and unmapped uplinks kept beside them."""
+        t = self._totals
+        return t["bytes"] + t["batch_bytes"] + t["dead_letter_bytes"] + t["unmapped_bytes"]
 
     def over_limit(self) -> bool:
         """True when intake must be held: the buffer is at `max_size` under `stop-intake`."""
@@ -607,7 +771,10 @@ class Buffer:
                 db = self._db
                 for index, o in enumerate(outcomes):
                     if isinstance(o, DecodedUplink):
-                        series = wire.encode_series(o) if o.readings else ""
+                        series, problem = self._encode(o)
+                        if problem is not None:
+                            o = _as_dead_letter(o, problem)  # stored below, with its reason
+                    if isinstance(o, DecodedUplink):
                         if limited and series and self._total_bytes() + len(series) > self.max_size:
                             if index == 0:
                                 raise BufferFullError(f"buffer full: max_size {self.max_size} bytes reached")
@@ -632,12 +799,13 @@ class Buffer:
                         self._live.uplinks += 1
                         self._live.readings += len(o.readings)
                         self._live.bytes += size
-                        if self._live.oldest_ms is None:
+                        if self._live.since is None:
                             self._live.oldest_ms = o.received_ms
+                            self._live.since = time.monotonic()
                         result.stored += 1
                         result.readings += len(o.readings)
                     elif isinstance(o, DeadLetter):
-                        if not first_seen(o.source, o.received_ms):
+                        if not first_seen(o.source if o.device is None else f"{o.device}|{o.source}", o.received_ms):
                             result.duplicates += 1
                             continue
                         db.execute(
@@ -656,14 +824,17 @@ class Buffer:
                             ),
                         )
                         result.dead_letters += 1
+                        self._totals["dead_letter_bytes"] += len(o.payload)
                         self._count("dead_letters")
                         if o.device is not None:
                             dev(o.device, o.sensor_id, o.received_ms)["dl"] += 1
                     elif isinstance(o, Unmapped):
+                        kept = _uplink_json(o.uplink)
                         db.execute(
                             "INSERT INTO unmapped (received_ms, device, uplink) VALUES (?,?,?)",
-                            (o.uplink.received_ms, str(o.uplink.device), _uplink_json(o.uplink)),
+                            (o.uplink.received_ms, str(o.uplink.device), kept),
                         )
+                        self._totals["unmapped_bytes"] += len(kept)
                         result.unmapped += 1
                         self._count("unmapped_uplinks")
                         dev(o.uplink.device, None, o.uplink.received_ms)["up"] += 1
@@ -683,6 +854,8 @@ class Buffer:
                 )
                 if result.duplicates:
                     self._count("duplicate_uplinks", result.duplicates)
+                if result.dead_letters or result.unmapped:
+                    self._prune_side_stores()
                 if self.when_full == "drop-oldest" and self._total_bytes() > self.max_size:
                     # Keep max_size a hard bound between the service's periodic enforce_bounds:
                     # drop the oldest stored uplinks now (formed batches are left to it).
@@ -707,6 +880,65 @@ class Buffer:
             while len(self._seen) > SEEN_KEPT_ROWS:
                 del self._seen[next(iter(self._seen))]
         return result
+
+    def _encode(self, uplink: DecodedUplink) -> tuple[str, str | None]:
+        """The uplink's series text, or why it can never be sent (then it is a dead letter)."""
+        if not uplink.readings:
+            return "", None
+        for r in uplink.readings:
+            if type(r.value) is int and not -CLOUD_INT_LIMIT < r.value < CLOUD_INT_LIMIT:
+                digits = len(str(abs(r.value))) if abs(r.value) < 10**4000 else "thousands of"
+                return "", (
+                    f"{r.metric} is an integer of {digits} digits; the cloud's NUMBER holds at most 38 "
+                    "(a dead letter rather than a rounded or text value)"
+                )
+        try:
+            series = wire.encode_series(uplink)
+        except (ValueError, TypeError, OverflowError) as exc:  # NaN in meta, a value JSON cannot hold
+            return "", f"readings cannot be encoded for the cloud: {_unencodable(uplink) or exc}"
+        # The configured size, not what the link taught `max_bytes` since: an uplink bigger than
+        # the link takes is still sent, in parts (`split`), as long as each reading fits.
+        room = self._configured_max_bytes - MESSAGE_OVERHEAD
+        if len(series) * 4 <= room:  # UTF-8 takes at most 4 bytes a character: fits for sure
+            return series, None
+        raw = series.encode()
+        if len(raw) <= room or (self.gzip and len(wire.compress(raw)) <= room):
+            return series, None
+        return "", (
+            f"the uplink's {len(uplink.readings)} readings take {len(raw)} bytes encoded, more than one "
+            f"message may carry (batch.max_bytes {self._configured_max_bytes}): it could never be sent"
+        )
+
+    def _prune_side_stores(self) -> None:
+        """Keep dead letters and unmapped uplinks within their row limit and their share of
+        `max_size`, oldest first; the newest of each is always kept (part of a transaction)."""
+        db = self._db
+        cap = max(1, self.max_size // SIDE_STORE_SHARE)
+        for table, size, key, rows_kept in (
+            ("dead_letters", "length(payload)", "dead_letter_bytes", DEAD_LETTERS_KEPT),
+            ("unmapped", "length(uplink)", "unmapped_bytes", UNMAPPED_KEPT),
+        ):
+            newest = db.execute(f"SELECT max(id) FROM {table}").fetchone()[0]
+            if newest is None:
+                continue
+            cut = newest - rows_kept  # ids rise: rows with id <= cut go
+            excess = self._totals[key] - cap
+            if excess > 0:
+                acc = 0
+                for rid, n in db.execute(f"SELECT id, {size} FROM {table} WHERE id < ? ORDER BY id", (newest,)):
+                    acc += n
+                    cut = max(cut, rid)
+                    if acc >= excess:
+                        break
+            if cut <= 0:
+                continue
+            count, freed = db.execute(
+                f"SELECT count(*), coalesce(sum({size}),0) FROM {table} WHERE id <= ?", (cut,)
+            ).fetchone()
+            if count:
+                db.execute(f"DELETE FROM {table} WHERE id <= ?", (cut,))
+                self._totals[key] -= freed
+                self._count(f"{table}_pruned", count)
 
     def _forget_keys(self, rows: list[tuple[str, int]]) -> None:
         with self._lock:
@@ -734,7 +966,7 @@ class Buffer:
                 batch_bytes=t["batch_bytes"],
             )
             if live is True:
-                return Depth(self._live.readings, self._live.bytes, self._live.uplinks, oldest_ms=self._live.oldest_ms)
+                return copy.copy(self._live)
             if live is False:
                 return Depth(
                     total.readings - self._live.readings,
@@ -751,16 +983,39 @@ class Buffer:
             times = [x for x in (u[0] if u else None, b[0] if b else None) if x is not None]
             return min(times) if times else None
 
-    def live_due(self, max_delay_ms: int, at_ms: int | None = None) -> bool:
-        """True when live readings should go now: one has waited max_delay or they fill a message."""
+    def live_due(self, max_delay_s: float, at: float | None = None) -> bool:
+        """True when live readings should go now: one has waited max_delay or they fill a message.
+
+        `at` is monotonic seconds (now by default): how long a reading waited is measured on
+        the monotonic clock, so a wall-clock step does not change when it is sent.
+        """
         with self._lock:
             live = self._live
             if live.uplinks == 0:
                 return False
-            at = now_ms() if at_ms is None else at_ms
-            if live.oldest_ms is not None and at - live.oldest_ms >= max_delay_ms:
+            at = time.monotonic() if at is None else at
+            if live.since is not None and at - live.since >= max_delay_s:
                 return True
             return live.bytes * self._ratio >= self.max_bytes * 0.9
+
+    def _live_since_of_rest(self) -> None:
+        """Some live uplinks left: estimate when the oldest remaining one was stored.
+
+        Its wall-clock receive time, carried onto the monotonic clock, clamped between the
+        previous oldest (the rest are newer) and now, so a clock step errs by at most one
+        max_delay, never by the size of the step.
+        """
+        live = self._live
+        nxt = self._db.execute(
+            "SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)
+        ).fetchone()
+        live.oldest_ms = nxt[0] if nxt else None
+        if nxt is None:
+            live.since = None
+            return
+        mono = time.monotonic()
+        estimate = mono - max(0.0, (now_ms() - nxt[0]) / 1000)
+        live.since = min(mono, max(live.since if live.since is not None else estimate, estimate))
 
     def take(self, live: bool) -> Batch | None:
         """Form the next batch from live uplinks or from the backlog, oldest first.
@@ -838,10 +1093,7 @@ class Buffer:
             self._live.uplinks -= len(chosen)
             self._live.readings -= readings
             self._live.bytes -= raw_bytes
-            nxt = self._db.execute(
-                "SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)
-            ).fetchone()
-            self._live.oldest_ms = nxt[0] if nxt else None
+            self._live_since_of_rest()
         if gap:
             self._gap = Gap()
             self._set_state("gap", "{}")
@@ -905,6 +1157,144 @@ class Buffer:
             self._count("published_batches")
             self._count("published_readings", row[0])
 
+    def split(self, seq: int, max_bytes: int, reason: str = "too large to publish") -> tuple[list[int], int]:
+        """Replace formed batch `seq`, refused as too large, by two or more formed batches of
+        the same readings, each at most `max_bytes` where one reading allows (a reading that
+        alone is larger gets a batch of its own). A batch of one reading cannot shrink: it moves
+        to the dead letters with `reason`. One transaction.
+
+        Series are divided between the parts, and a series too big for one part has its t/v
+        arrays divided; the first part keeps the message's `meta` (a gap), every part its
+        header fields and a new seq from the batch sequence (`_form`). Returns the new seqs,
+        oldest first, and the number of readings that became dead letters; ([], 0) when `seq`
+        is gone.
+        """
+        dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+        with self._lock, self._tx():
+            self._cap(drain=True)
+            row = self._db.execute(
+                "SELECT created_ms, oldest_ms, readings, gzip, payload FROM batches WHERE seq=?", (seq,)
+            ).fetchone()
+            if row is None:
+                return [], 0
+            created, oldest, readings, gzipped, old = row[0], row[1], row[2], bool(row[3]), bytes(row[4])
+            message = wire.decode_message(old, gzipped)
+            t = self._totals
+            if readings <= 1:
+                for s in message["series"]:
+                    meta = s.get("meta") or {}
+                    letter = dumps(s).encode()
+                    device = (
+                        DeviceKey("dev_eui", str(meta["dev_eui"]))
+                        if "dev_eui" in meta
+                        else DeviceKey("osm_id", str(meta["osm_id"]))
+                        if "osm_id" in meta
+                        else None
+                    )
+                    self._db.execute(
+                        "INSERT INTO dead_letters (received_ms, device, sensor_id, source, topic, f_port, reason,"
+                        " payload) VALUES (?,?,?,?,?,?,?,?)",
+                        (
+                            oldest,
+                            None if device is None else str(device),
+                            s.get("sensor_id"),
+                            s.get("source") or f"batch/{seq}",
+                            None,
+                            meta.get("f_port"),
+                            reason,
+                            letter,
+                        ),
+                    )
+                    t["dead_letter_bytes"] += len(letter)
+                self._db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+                t["batches"] -= 1
+                t["batch_readings"] -= readings
+                t["batch_bytes"] -= len(old)
+                self._count("dead_letters", readings)
+                self._count("too_large_readings", readings)
+                self._save_totals()
+                return [], readings
+
+            first_seq = max(int(self._get_state("next_seq") or "1"), now_ms())
+            parts: list[bytes] = []
+            counts: list[int] = []
+
+            def size_of(part: list[dict[str, Any]]) -> int:
+                return sum(len(s["t"]) for s in part)
+
+            def encode(part: list[dict[str, Any]]) -> bytes:
+                header = wire.Header(
+                    batch_id=f"{self._ids[0]}-{first_seq + len(parts):012d}",
+                    gateway_id=message["gateway_id"],
+                    tenant_id=message["tenant_id"],
+                    site_id=message["site_id"],
+                    created_at=message["created_at"],
+                    meta=message.get("meta") if not parts else None,
+                )
+                body = wire.assemble(header, [dumps(s) for s in part])
+                return wire.compress(body) if gzipped else body
+
+            def halves(part: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+                if len(part) == 1:
+                    s, n = part[0], len(part[0]["t"]) // 2
+                    return [[{**s, "t": s["t"][:n], "v": s["v"][:n]}], [{**s, "t": s["t"][n:], "v": s["v"][n:]}]]
+                cut, acc, total = 1, 0, size_of(part)
+                for i, s in enumerate(part[:-1], 1):
+                    acc += len(s["t"])
+                    cut = i
+                    if acc * 2 >= total:
+                        break
+                return [part[:cut], part[cut:]]
+
+            def place(part: list[dict[str, Any]], force: bool = False) -> None:
+                # Depth first, left to right, so parts keep the readings' order and seqs rise.
+                payload = encode(part)
+                if (force or len(payload) > max_bytes) and size_of(part) > 1:
+                    for half in halves(part):
+                        place(half)
+                    return
+                parts.append(payload)
+                counts.append(size_of(part))
+
+            # Pack series (cut along t/v where one is too big) into parts by their estimated
+            # encoded size; `place` then checks each part's real size and halves what is over.
+            ratio = len(old) / max(1, len(dumps(message)))
+            header_bytes = len(dumps({k: v for k, v in message.items() if k != "series"}))
+            room = max(1, int(max_bytes * 0.9 / ratio) - header_bytes)
+            packed: list[list[dict[str, Any]]] = [[]]
+            used = 0
+            for s in message["series"]:
+                text = len(dumps(s)) + 1
+                n = len(s["t"])
+                pieces = max(1, min(n, -(-text // room)))
+                step = -(-n // pieces)
+                for i in range(0, n, step):
+                    piece = s if pieces == 1 else {**s, "t": s["t"][i : i + step], "v": s["v"][i : i + step]}
+                    size = text if pieces == 1 else len(dumps(piece)) + 1
+                    if packed[-1] and used + size > room:
+                        packed.append([])
+                        used = 0
+                    packed[-1].append(piece)
+                    used += size
+            if len(packed) == 1:
+                place(packed[0], force=True)  # refused as it is: at least two parts
+            else:
+                for part in packed:
+                    place(part)
+
+            self._db.execute("DELETE FROM batches WHERE seq=?", (seq,))
+            seqs = [first_seq + i for i in range(len(parts))]
+            self._db.executemany(
+                "INSERT INTO batches VALUES (?,?,?,?,?,?)",
+                [(s, created, oldest, n, int(gzipped), p) for s, n, p in zip(seqs, counts, parts, strict=True)],
+            )
+            self._set_state("next_seq", str(seqs[-1] + 1))
+            t["batches"] += len(parts) - 1
+            t["batch_bytes"] += sum(len(p) for p in parts) - len(old)
+            self._count("split_batches")
+            self._save_totals()
+            return seqs, 0
+
     def heartbeat(self, pid: int | None = None) -> None:
         """Record that the daemon is alive, and the per-device counters (shown by `status`)."""
         with self._lock:
@@ -939,6 +1329,14 @@ class Buffer:
                 " last_log=coalesce(excluded.last_log, last_log),"
                 " foreign_tenant=foreign_tenant+excluded.foreign_tenant",
                 (key, d["sensor_id"], d["last"], d["up"], d["rd"], d["dl"], d["log"], d["lastlog"], d["ft"]),
+            )
+        if devices:
+            # Devices no map names (a neighbour's sensors, a typo'd dev_eui) come and go: keep
+            # the most recently heard, or a stream of random ids would grow the table forever.
+            db.execute(
+                "DELETE FROM devices WHERE sensor_id IS NULL AND device NOT IN (SELECT device FROM devices"
+                " WHERE sensor_id IS NULL ORDER BY last_seen_ms DESC LIMIT ?)",
+                (UNMAPPED_DEVICES_KEPT,),
             )
         self._device_stats = {}
 
@@ -1045,10 +1443,7 @@ class Buffer:
         self._live.bytes -= row[6]
         self._live.uplinks -= row[7]
         if row[7]:
-            nxt = self._db.execute(
-                "SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)
-            ).fetchone()
-            self._live.oldest_ms = nxt[0] if nxt else None
+            self._live_since_of_rest()
         dropped.add(row[1], row[0], row[3], row[4], reason)
 
     def _drop_batches(
@@ -1070,25 +1465,44 @@ class Buffer:
         """Keep the bookkeeping tables bounded; each statement costs what it deletes."""
         db = self._db
         db.execute("DELETE FROM seen_log WHERE id <= (SELECT max(id) FROM seen_log) - ?", (SEEN_KEPT_ROWS,))
-        db.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (DEAD_LETTERS_KEPT,))
-        db.execute("DELETE FROM unmapped WHERE id <= (SELECT max(id) FROM unmapped) - ?", (UNMAPPED_KEPT,))
+        self._prune_side_stores()
 
     # ---- unmapped uplinks --------------------------------------------------------------
 
-    def unmapped(self) -> list[tuple[int, Uplink]]:
-        """Uplinks kept because no map named their device, oldest first."""
+    def unmapped(
+        self, after_id: int = 0, max_bytes: int = 4 * 1024**2, max_rows: int = 500
+    ) -> list[tuple[int, Uplink]]:
+        """One page of the uplinks kept because no map named their device, oldest first, from
+        after `after_id`: at most `max_rows`, and no more than about `max_bytes` of them (a
+        replay walks the store page by page, never holding it all in memory)."""
+        page: list[tuple[int, Uplink]] = []
+        size = 0
         with self._lock:
-            rows = self._db.execute("SELECT id, uplink FROM unmapped ORDER BY id").fetchall()
-        return [(r[0], _uplink_from_json(r[1])) for r in rows]
+            rows = self._db.execute(
+                "SELECT id, uplink FROM unmapped WHERE id > ? ORDER BY id LIMIT ?", (after_id, max_rows)
+            )
+            for row_id, text in rows:
+                page.append((row_id, _uplink_from_json(text)))
+                size += len(text)
+                if size >= max_bytes:
+                    break
+        return page
 
     def forget_unmapped(self, ids: Sequence[int]) -> None:
         """Remove replayed uplinks from the unmapped store."""
         with self._lock, self._tx():
-            self._db.executemany("DELETE FROM unmapped WHERE id = ?", ((i,) for i in ids))
+            for i in ids:
+                row = self._db.execute("SELECT length(uplink) FROM unmapped WHERE id = ?", (i,)).fetchone()
+                if row is not None:
+                    self._db.execute("DELETE FROM unmapped WHERE id = ?", (i,))
+                    self._totals["unmapped_bytes"] -= row[0]
+            self._save_totals()
 
     def close(self) -> None:
         """Write the device counters, checkpoint the WAL into the main file, and close."""
         with self._lock:
+            if self._lock_fd is None:
+                return  # closed already (`rescue` closes)
             try:
                 with self._tx():
                     self._flush_device_stats()
@@ -1099,6 +1513,7 @@ class Buffer:
             except sqlite3.Error:
                 pass
             self._db.close()
+            self._unlock()
 
 
 def _gap_meta(gap: Gap) -> dict[str, Any]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
-from gateway.errors import ConfigError
+import structlog
+
+from gateway.errors import BufferBusyError, ConfigError
 
 DEFAULT_CONFIG = "/etc/hub-gateway/gateway.yaml"
 EXIT_OK, EXIT_PROBLEMS, EXIT_CONFIG = 0, 1, 2
@@ -19,7 +23,11 @@ def _config_path(value: str | None) -> Path:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate gateway.yaml, every device map, the certificates and the buffer file."""
+    """Validate gateway.yaml, every device map, the certificates and the buffer file.
+
+    The exit status counts only what stops `run` (it is systemd's ExecStartPre): a damaged buffer
+    is a warning, because `run` recovers from it by moving the file aside.
+    """
     from gateway.config import load_config
 
     path = _config_path(args.config)
@@ -34,17 +42,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     buffer_path = config.settings.buffer.path
     damage = buffer_problems(buffer_path)
     for text in damage:
-        print(f"{buffer_path}: {text}")
+        print(f"warning: {buffer_path}: {text}")
     if damage:
         print(
-            f"{len(damage)} problem{'s' if len(damage) != 1 else ''} found in the buffer {buffer_path}; "
-            "`run` moves a damaged buffer aside and starts a new one"
+            f"warning: {buffer_path}: damaged; `run` will move the file aside (as "
+            f"{buffer_path.name}.corrupt-<time>, unsent readings stay in it) and start a new buffer"
         )
-        return EXIT_PROBLEMS
+        buffer_state = "damaged: `run` will move it aside"
+    elif buffer_path.exists():
+        buffer_state = "passes PRAGMA integrity_check"
+    else:
+        buffer_state = "not created yet"
     print(
         f"{path}: OK ({len(config.settings.sources)} sources, {len(config.devices)} devices, "
-        f"cloud {config.settings.cloud.kind}; buffer "
-        f"{'passes PRAGMA integrity_check' if buffer_path.exists() else 'not created yet'})"
+        f"cloud {config.settings.cloud.kind}; buffer {buffer_state})"
     )
     return EXIT_OK
 
@@ -104,9 +115,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"hub-gateway: not started: {len(exc.problems)} problem(s) in the configuration", file=sys.stderr)
         return EXIT_CONFIG
     log.configure(config.settings.log.level, config.settings.log.format)
-    service = Service(config)
+    # A fatal signal (SIGBUS from a file mapped on a card that went away, SIGSEGV) still leaves
+    # a traceback in the journal instead of a silent death.
+    faulthandler.enable()
+    try:
+        service = Service(config)
+    except BufferBusyError as exc:
+        print(f"hub-gateway: not started: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (OSError, sqlite3.Error) as exc:
+        from gateway.service import EXIT_STORAGE_FAILED
+
+        buffer_path = config.settings.buffer.path
+        print(f"hub-gateway: not started: cannot open the buffer {buffer_path}: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_FAILED
     service.install_signal_handlers()
-    service.run()
+    try:
+        service.run()
+    except Exception:  # a bug: logged as such (not a bare traceback), and systemd restarts us
+        structlog.get_logger("gateway").critical("the daemon stopped on an unexpected error", exc_info=True)
+        return 1
     return service.exit_code
 
 
@@ -152,5 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hub-gateway` command."""
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        # Flush here, not at interpreter exit, so a reader that went away is caught below.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `hub-gateway status | head`: the reader closed the pipe. As the Python docs advise
+        # (signal module, "Note on SIGPIPE"), point stdout at devnull so the flush at exit
+        # cannot fail again, and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PROBLEMS
     return code

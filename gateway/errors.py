@@ -53,3 +53,11 @@ class PublishError(GatewayError):
         self.reason_code = reason_code
         text = message if reason_code is None else f"[code:{reason_code}] {message}"
         super().__init__(text)
+
+
+class BufferBusyError(GatewayError):
+    """Another daemon holds the buffer's lock: two writers would corrupt it."""
+
+
+class BufferLostError(GatewayError):
+    """The buffer file was deleted or replaced under the running daemon, or cannot be written."""

@@ -9,6 +9,7 @@ acknowledged only after the transaction holding what it carried has committed.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import re
 import sqlite3
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.buffer import Buffer, StoreResult, is_damage
+from gateway.buffer import Buffer, StoreResult, is_damage, is_storage_failure
 from gateway.config.devices import DeviceMap
 from gateway.devices import resolve
-from gateway.errors import BufferFullError, DiskFullError, EventError
-from gateway.model import DeadLetter, DeviceKey, DeviceLog, Outcome, Unmapped
+from gateway.errors import BufferFullError, BufferLostError, DiskFullError, EventError
+from gateway.model import DeadLetter, DeviceKey, DeviceLog, ForeignTenant, Outcome, Unmapped
 from gateway.sources import Delivery, Parser
 from gateway.sources.events import Ignored
 
@@ -31,6 +32,10 @@ log = structlog.get_logger("gateway.intake")
 
 MAX_GROUP = 2000
 RETRY_S = 1.0
+#: Devices no map names, or of another tenant, are logged by name the first time (up to this
+#: many); after that only a summary line every SUMMARY_EVERY_S says how many more came.
+NAMED_IN_LOG = 1000
+SUMMARY_EVERY_S = 60.0
 _WAKE = object()  # queued by stop(): end the commit window now
 _DEV_EUI_IN_TOPIC = re.compile(r"/device/([0-9a-fA-F]{16})/")
 
@@ -71,6 +76,8 @@ class Intake:
         self.devices = devices
         self.commit_interval_s = commit_interval_s
         self._parsers = dict(parsers)
+        #: max_message_size by source name, for the dead letter of an oversized message.
+        self._max_sizes: dict[str, int] = {}
         self._queue: queue.Queue[Delivery | object] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
@@ -79,10 +86,21 @@ class Intake:
         self.on_commit: Callable[[], None] = lambda: None
         #: Called once if SQLite reports the buffer file damaged; intake then holds every ack.
         self.on_damage: Callable[[str], None] = lambda reason: None
+        #: Called once if the buffer file is gone or cannot be written (deleted, read-only
+        #: filesystem, I/O errors); intake then holds every ack.
+        self.on_lost: Callable[[str], None] = lambda reason: None
+        #: The exception that ended the intake thread, if one did (the service stops on it).
+        self.died: BaseException | None = None
+        self.on_died: Callable[[], None] = lambda: None
+        self._named: set[str] = set()
+        self._unnamed = 0
+        self._next_summary = time.monotonic() + SUMMARY_EVERY_S
 
-    def add_parser(self, name: str, parser: Parser) -> None:
+    def add_parser(self, name: str, parser: Parser, max_message_size: int | None = None) -> None:
         """Register the parser of a source added after construction (the demo's site)."""
         self._parsers[name] = parser
+        if max_message_size is not None:
+            self._max_sizes[name] = max_message_size
 
     def deliver(self, delivery: Delivery) -> None:
         """Called by sources from their network threads: queue the message."""
@@ -99,7 +117,20 @@ class Intake:
         self._queue.put(_WAKE)
         self._thread.join(timeout_s)
 
+    @property
+    def alive(self) -> bool:
+        """True while the intake thread runs (or has not been started)."""
+        return self.died is None
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the supervisor must learn of any death
+            log.critical("intake thread died; the daemon stops so systemd restarts it", exc_info=True)
+            self.died = exc
+            self.on_died()
+
+    def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
                 first = self._queue.get(timeout=0.2)
@@ -145,14 +176,22 @@ class Intake:
                 problem = str(exc)
             except BufferFullError as exc:
                 problem = str(exc)
+            except BufferLostError as exc:
+                self._hold_all(str(exc), self.on_lost)
+                return
             except sqlite3.DatabaseError as exc:
                 if is_damage(exc):
-                    log.critical("buffer file is damaged; intake holds all acknowledgements", error=str(exc))
-                    self.stats.blocked = True
-                    self.on_damage(str(exc))
-                    self._stopping.wait()
+                    self._hold_all(str(exc), self.on_damage)
+                    return
+                if is_storage_failure(exc):
+                    self._hold_all(f"cannot write {self.buffer.path}: {exc}", self.on_lost)
                     return
                 problem = f"cannot write the buffer: {exc}"
+            except Exception:  # a fault storing one message must not stop the others
+                log.exception("cannot store a group of messages; storing them one by one")
+                pending = self._store_singly(part) + pending[size:]
+                size = 1
+                continue
             if problem is None:
                 rest = self._acknowledge(part, result)
                 pending = rest + pending[size:]
@@ -171,6 +210,34 @@ class Intake:
         if self.stats.blocked:
             log.info("buffer takes intake again; acknowledging the held messages")
             self.stats.blocked = False
+
+    def _hold_all(self, reason: str, tell: Callable[[str], None]) -> None:
+        """The buffer cannot be trusted any more: ack nothing from now on, tell the service."""
+        log.critical("buffer unusable; intake holds all acknowledgements", error=reason)
+        self.stats.blocked = True
+        tell(reason)
+        self._stopping.wait()
+
+    def _store_singly(
+        self, part: list[tuple[Delivery, list[Outcome | DeviceLog]]]
+    ) -> list[tuple[Delivery, list[Outcome | DeviceLog]]]:
+        """Store each message of a group that failed as a whole on its own: those that store
+        are acked; one that still fails becomes a dead letter with the error (left pending, for
+        the caller's loop to store); buffer trouble leaves the rest pending as they are."""
+        rest: list[tuple[Delivery, list[Outcome | DeviceLog]]] = []
+        for i, (delivery, outcomes) in enumerate(part):
+            try:
+                result = self.buffer.store(outcomes)
+            except (BufferFullError, BufferLostError, sqlite3.DatabaseError):
+                return rest + part[i:]
+            except Exception as exc:
+                if len(outcomes) == 1 and isinstance(outcomes[0], DeadLetter):
+                    raise  # not even its dead letter stores: a fault the supervisor must see
+                log.exception("cannot store a message; kept as a dead letter", topic=delivery.topic)
+                rest.append((delivery, [self._dead_letter(delivery, f"internal error: {type(exc).__name__}: {exc}")]))
+                continue
+            rest += self._acknowledge([(delivery, outcomes)], result)
+        return rest
 
     def _acknowledge(
         self, pending: list[tuple[Delivery, list[Outcome | DeviceLog]]], result: StoreResult
@@ -195,6 +262,16 @@ class Intake:
         return pending[done:]
 
     def _outcomes(self, delivery: Delivery) -> list[Outcome | DeviceLog]:
+        if delivery.oversize is not None:
+            limit = self._max_sizes.get(delivery.source_name)
+            return [
+                self._dead_letter(
+                    delivery,
+                    f"message of {delivery.oversize} bytes exceeds max_message_size"
+                    + (f" ({limit} bytes)" if limit else "")
+                    + f"; only its first {len(delivery.payload)} bytes are kept",
+                )
+            ]
         parser = self._parsers[delivery.source_name]
         try:
             event = parser(delivery.topic, delivery.payload, delivery.received_ms)
@@ -207,15 +284,42 @@ class Intake:
             return [event]
         outcome = resolve(event, self.devices)
         if isinstance(outcome, Unmapped):
-            log.info("uplink from a device in no map", device=str(event.device), source=event.source)
+            self._tell("uplink from a device in no map (kept for replay once mapped)", str(event.device))
+        elif isinstance(outcome, ForeignTenant):
+            self._tell(
+                "uplink from another ChirpStack tenant than the device map expects: dropped",
+                str(event.device),
+                sensor_id=outcome.sensor_id,
+                expected_tenant=outcome.expected,
+                tenant=event.network_tenant,
+            )
         return [outcome]
+
+    def _tell(self, what: str, device: str, **fields: object) -> None:
+        """Log an unmapped or foreign device by name once; then only count it for the summary."""
+        if device not in self._named and len(self._named) < NAMED_IN_LOG:
+            self._named.add(device)
+            log.warning(what, device=device, **fields)
+        else:
+            self._unnamed += 1
+        if self._unnamed and time.monotonic() >= self._next_summary:
+            log.info(
+                "more uplinks from unmapped or other-tenant devices", uplinks=self._unnamed, seconds=SUMMARY_EVERY_S
+            )
+            self._unnamed = 0
+            self._next_summary = time.monotonic() + SUMMARY_EVERY_S
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> DeadLetter:
         match = _DEV_EUI_IN_TOPIC.search(delivery.topic)
         device = DeviceKey("dev_eui", match.group(1).lower()) if match else None
+        mapped = self.devices.get(device) if device is not None else None
+        # Distinct payloads are distinct dead letters, however close their arrival; the same
+        # message redelivered is recognised (the digest covers its bytes and its real size).
+        digest = hashlib.sha256(delivery.payload + str(delivery.oversize).encode()).hexdigest()[:16]
         return DeadLetter(
             device=device,
-            source=f"{delivery.source_name}/{delivery.topic}/{delivery.received_ms}",
+            sensor_id=mapped.entry.sensor_id if mapped is not None else None,
+            source=f"{delivery.source_name}/{delivery.topic}/{digest}",
             f_port=None,
             reason=reason,
             payload=delivery.payload,
@@ -224,25 +328,34 @@ class Intake:
         )
 
     def replay_unmapped(self) -> int:
-        """Store kept uplinks whose device a map now names; return how many were replayed."""
-        replayed: list[Outcome | DeviceLog] = []
-        ids = []
-        for row_id, uplink in self.buffer.unmapped():
-            outcome = resolve(uplink, self.devices)
-            if not isinstance(outcome, Unmapped):
-                replayed.append(outcome)
-                ids.append(row_id)
-        if not replayed:
-            return 0
-        try:
-            result = self.buffer.store(replayed)
-        except (BufferFullError, sqlite3.OperationalError) as exc:
-            log.warning("replay of kept uplinks postponed to the next reload", reason=str(exc))
-            return 0
-        done = ids[: result.taken]  # stop-intake may have taken only the first ones
-        self.buffer.forget_unmapped(done)
-        log.info("replayed uplinks of newly mapped devices", uplinks=len(done), left=len(ids) - len(done))
-        return len(done)
+        """Store kept uplinks whose device a map now names, page by page (never the whole
+        store in memory); return how many were replayed."""
+        total = 0
+        after = 0
+        while page := self.buffer.unmapped(after_id=after):
+            after = page[-1][0]
+            replayed: list[Outcome | DeviceLog] = []
+            ids = []
+            for row_id, uplink in page:
+                outcome = resolve(uplink, self.devices)
+                if not isinstance(outcome, Unmapped):
+                    replayed.append(outcome)
+                    ids.append(row_id)
+            if not replayed:
+                continue
+            try:
+                result = self.buffer.store(replayed)
+            except (BufferFullError, sqlite3.OperationalError) as exc:
+                log.warning("replay of kept uplinks postponed to the next reload", reason=str(exc), replayed=total)
+                return total
+            done = ids[: result.taken]  # stop-intake may have taken only the first ones
+            self.buffer.forget_unmapped(done)
+            total += len(done)
+            if len(done) < len(ids):
+                break
+        if total:
+            log.info("replayed uplinks of newly mapped devices", uplinks=total)
+        return total
 
 
 __all__ = ["Intake", "IntakeStats"]

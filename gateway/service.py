@@ -26,16 +26,18 @@ from gateway.buffer import (
     integrity_problems,
     is_damage,
     is_disk_full,
+    is_storage_failure,
     mark_damaged,
     now_ms,
 )
-from gateway.cloud import Publisher, PublishResult
+from gateway.cloud import CONNECTION_REFUSALS, Publisher, PublishResult
 from gateway.cloud.directory import DirectoryPublisher
 from gateway.config import Config, ConfigError, device_map_files, load_device_maps
 from gateway.config.settings import DirectoryCloud, Settings
+from gateway.errors import BufferLostError
 from gateway.intake import Intake
 from gateway.model import Batch
-from gateway.sources import RunningSource, build_sources
+from gateway.sources import RunningSource, build_sources, source_name
 from gateway.systemd import Notifier
 
 log = structlog.get_logger("gateway.service")
@@ -44,10 +46,25 @@ STOP_BUDGET_S = 5.0
 BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
 MAX_BACKOFF_S = 60.0
+#: The smallest batch.max_bytes a too-large refusal may teach the buffer when the link did not
+#: announce its limit: the least the config allows, since intake also measures uplinks against
+#: it. A link that takes less still gets everything, by splitting each batch it refuses.
+MIN_LEARNT_MAX_BYTES = 4096
+#: The smallest part a refused batch is split into (bytes of message).
+MIN_SPLIT_BYTES = 256
 SOURCES_READY_TIMEOUT_S = 10.0
+#: A worker thread died of an exception nothing expected: systemd restarts the daemon.
+EXIT_WORKER_DIED = 1
 #: `run` exits with this when the buffer file is damaged; systemd restarts the daemon, and the
-#: new start moves the file aside (it finds the marker) and begins a new buffer.
+#: new start moves the file aside (it finds the marker) and begins a new buffer. Also after the
+#: file was deleted under the daemon and its content written back: the restart carries on.
 EXIT_BUFFER_DAMAGED = 3
+#: The buffer cannot be written (read-only filesystem, I/O errors) or was lost and could not be
+#: written back: restarting cannot help, so the unit does not restart on it
+#: (RestartPreventExitStatus); `status` and the journal say why.
+EXIT_STORAGE_FAILED = 4
+#: A wall-clock step bigger than this between two turns of the main loop is logged.
+CLOCK_JUMP_S = 30.0
 
 
 def open_buffer(settings: Settings) -> Buffer:
@@ -93,8 +110,9 @@ class Service:
         self.intake = Intake(self.buffer, config.devices, {}, commit_interval_s=s.buffer.commit_interval)
         if sources is None:
             built, parsers = build_sources(s, self.intake.deliver)
-            for name, parser in parsers.items():
-                self.intake.add_parser(name, parser)
+            for i, source in enumerate(s.sources):
+                name = source_name(s, i)
+                self.intake.add_parser(name, parsers[name], source.max_message_size)
             self.sources: list[RunningSource] = list(built)
         else:
             self.sources = list(sources)
@@ -108,17 +126,28 @@ class Service:
         #: stop, refused, or packed from a long backlog. Payloads stay on disk until sent.
         self._outbox: dict[int, float] = {}
         self._epoch = -1
-        self._failures = 0
+        #: Batches that failed (seq -> failed attempts, not before (monotonic)): each backs off
+        #: alone, and is not sent again before its time whoever asks (`_send`).
+        self._retries: dict[int, tuple[int, float]] = {}
+        #: Refusals in a row that concern the whole connection (CONNECTION_REFUSALS): the pause.
+        self._link_refusals = 0
+        #: The largest message the cloud accepted: a refusal of a smaller one is not for its size.
+        self._largest_accepted = 0
         self._paused_until = 0.0
-        self._max_delay_ms = int(s.batch.max_delay * 1000)
+        self._max_delay_s = s.batch.max_delay
         self.intake.on_commit = self._wake.set
         self.intake.on_damage = self._on_damage
+        self.intake.on_lost = self._on_lost
+        self.intake.on_died = self._wake.set
         self.published_batches = 0
         self.stopped = threading.Event()
         #: What `run` should exit with: 0, or EXIT_BUFFER_DAMAGED.
         self.exit_code = 0
         self._damage: str | None = None
+        self._lost: str | None = None
         self._disk_trouble: str | None = None
+        #: Wall-clock step seen last (seconds, + forward), for the bound that drops by age.
+        self._clock_jump_s: float | None = None
 
     # ---- control (any thread, signal handlers) ---------------------------------------------
 
@@ -154,10 +183,21 @@ class Service:
         self._stop.set()
         self._wake.set()
 
+    def _on_lost(self, reason: str) -> None:
+        """Any thread: the buffer file is gone or cannot be written; the main loop stops."""
+        if self._lost is None:
+            self._lost = reason
+        self._stop.set()
+        self._wake.set()
+
     def _check_integrity(self) -> None:
         """Background thread after READY: SQLite's quick_check of the whole file (read-only)."""
         started = time.monotonic()
-        problems = integrity_problems(self.buffer.path)
+        try:
+            problems = integrity_problems(self.buffer.path)
+        except Exception:  # a check that fails is not damage; say so and carry on
+            log.exception("buffer integrity check failed to run")
+            return
         if problems:
             self._on_damage("quick_check: " + "; ".join(problems[:5]))
         else:
@@ -199,10 +239,24 @@ class Service:
         if not self.buffer.checked_at_open:
             threading.Thread(target=self._check_integrity, name="integrity-check", daemon=True).start()
         next_bounds = next_status = next_watchdog = time.monotonic()
+        wall_minus_mono = time.time() - time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(0.25)
             self._wake.clear()
             now = time.monotonic()
+            if not self.intake.alive:
+                # No more WATCHDOG=1: a daemon whose intake is dead must not look healthy.
+                self._stop_worker_died()
+                return
+            step = (time.time() - now) - wall_minus_mono
+            if abs(step) > CLOCK_JUMP_S:
+                self._clock_jump_s = step
+                log.warning(
+                    "wall clock stepped; sending is scheduled on the monotonic clock and is not affected, "
+                    "readings are stamped with the new time",
+                    step_s=round(step, 1),
+                )
+                wall_minus_mono += step
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
@@ -223,11 +277,16 @@ class Service:
                         self._disk_trouble = None
             except sqlite3.DatabaseError as exc:
                 self._buffer_error(exc)
+            except BufferLostError as exc:
+                self._on_lost(str(exc))
             if self.notifier.watchdog_interval_s is not None and now >= next_watchdog:
                 next_watchdog = now + self.notifier.watchdog_interval_s
                 self.notifier.notify("WATCHDOG=1")
             if progress is not None:
                 progress(self)
+        if self._lost is not None:
+            self._stop_lost(self._lost)
+            return
         if self._damage is not None:
             self._stop_damaged(self._damage)
             return
@@ -237,6 +296,9 @@ class Service:
         """The main loop could not use the buffer: damaged (stop), or full/failing (retry)."""
         if is_damage(exc):
             self._on_damage(str(exc))
+            return
+        if is_storage_failure(exc):
+            self._on_lost(f"cannot write {self.buffer.path}: {exc}")
             return
         problem = "disk full" if is_disk_full(exc) else str(exc)
         if is_disk_full(exc):
@@ -274,7 +336,52 @@ class Service:
             mark_damaged(self.buffer.path, reason)
         except OSError:
             log.exception("cannot leave the damage marker", path=str(self.buffer.path))
+        self.buffer.abandon()
         self.exit_code = EXIT_BUFFER_DAMAGED
+        self.stopped.set()
+
+    def _stop_worker_died(self) -> None:
+        """A worker died of an unexpected exception: stop now, with a failure exit code, so
+        systemd restarts the daemon (what was not acked is redelivered by the local broker)."""
+        log.critical("a worker thread died; stopping so systemd restarts the daemon", worker="intake")
+        self.notifier.notify("STOPPING=1", "STATUS=intake thread died; restarting")
+        self._stop_intake_and_sources()
+        self.publisher.stop(timeout_s=1.0)
+        try:
+            self.buffer.close()
+        except Exception:
+            log.exception("cannot close the buffer")
+        self.exit_code = EXIT_WORKER_DIED
+        self.stopped.set()
+
+    def _stop_lost(self, reason: str) -> None:
+        """The buffer file was deleted or replaced, or cannot be written: nothing more is acked.
+
+        If the open database can still be read, its content is written back to the buffer's
+        path (nothing acknowledged is lost) and the daemon exits to be restarted on it;
+        otherwise it exits with a code systemd does not restart on, and says so loudly.
+        """
+        self.notifier.notify("STOPPING=1", f"STATUS=buffer lost: {reason}"[:200])
+        self._stop_intake_and_sources()
+        self.publisher.stop(timeout_s=1.0)
+        rescued = self.buffer.rescue()  # fails, and returns None, where nothing can be written
+        if rescued == self.buffer.path:
+            log.critical(
+                "BUFFER FILE LOST while running; its content was written back from the open file, "
+                "restarting on it (nothing acknowledged was lost)",
+                reason=reason,
+                path=str(rescued),
+            )
+            self.exit_code = EXIT_BUFFER_DAMAGED
+        else:
+            log.critical(
+                "BUFFER FILE LOST while running; intake stopped acknowledging; not restarting until "
+                "someone looks (systemctl status hub-gateway)",
+                reason=reason,
+                path=str(self.buffer.path),
+                rescued_to=str(rescued) if rescued else None,
+            )
+            self.exit_code = EXIT_STORAGE_FAILED
         self.stopped.set()
 
     def _publish_due(self) -> None:
@@ -288,13 +395,13 @@ class Service:
         if now < self._paused_until:
             return
         limit = self.settings.cloud.max_in_flight
-        if len(self._in_flight) < limit and self.buffer.live_due(self._max_delay_ms):
+        if len(self._in_flight) < limit and self.buffer.live_due(self._max_delay_s):
             while len(self._in_flight) < limit:
                 batch = self.buffer.take(live=True)
                 if batch is None:
                     break
                 self._send(batch)
-                if not self.buffer.live_due(self._max_delay_ms):
+                if not self.buffer.live_due(self._max_delay_s):
                     break
         # The backlog, oldest first, may use all but one slot, so live readings never queue
         # behind it: formed batches first (same bytes again), then unbatched backlog uplinks.
@@ -314,6 +421,10 @@ class Service:
             self._send(batch)
 
     def _send(self, batch: Batch) -> None:
+        retry_at = self._retries.get(batch.seq, (0, 0.0))[1]
+        if retry_at > time.monotonic():
+            self._outbox[batch.seq] = retry_at  # still backing off: back to the outbox, unsent
+            return
         self._in_flight[batch.seq] = batch
         self.publisher.publish(batch, self._on_published)
 
@@ -327,7 +438,7 @@ class Service:
             try:
                 seq, result = self._results.get_nowait()
             except queue.Empty:
-                return
+                break
             batch = self._in_flight.pop(seq, None)
             if batch is None:
                 continue
@@ -340,29 +451,116 @@ class Service:
                     self._results.put((seq, result))
                     raise
                 self.published_batches += 1
-                self._failures = 0
+                self._retries.pop(seq, None)
+                self._link_refusals = 0
+                self._largest_accepted = max(self._largest_accepted, len(batch.payload))
                 log.debug("batch published", batch_id=batch.batch_id, readings=batch.readings, bytes=len(batch.payload))
                 continue
-            self._failures += 1
-            backoff = min(MAX_BACKOFF_S, 2.0 ** min(self._failures, 6))
-            self._outbox[seq] = time.monotonic() + backoff
-            if result.reason_code is not None:
-                # IoT Core said no (not authorized, quota exceeded, ...): pause all publishing.
-                self._paused_until = time.monotonic() + backoff
-                self.buffer.count(f"puback_refused_{result.reason_code:#04x}")
-            else:
-                self.buffer.count("publish_failed")
-            log.warning(
-                "batch not accepted; kept for retry",
+            self._refused(batch, result)
+        # Batches a bound dropped while they waited (neither queued nor in flight): forgotten.
+        for seq in [s for s in self._retries if s not in self._outbox and s not in self._in_flight]:
+            del self._retries[seq]
+
+    def _refused(self, batch: Batch, result: PublishResult) -> None:
+        """A batch the cloud did not take: split if too large, else retried after its own backoff.
+
+        Only refusals that concern the connection (0x87, 0x97) pause all publishing; any other
+        is this batch's, so one poisoned batch neither stops the rest nor is retried faster
+        because others succeed. A batch that keeps failing is logged as a warning at attempts
+        1, 2, 4, 8, ... and at debug otherwise, so it cannot flood the journal.
+        """
+        seq, size, now = batch.seq, len(batch.payload), time.monotonic()
+        # Split a batch of many readings at once (it costs nothing); give up on one reading only
+        # when the link's limit is known, or smaller messages are seen to pass.
+        too_large = result.too_large and size > self._largest_accepted
+        certain = result.limit is not None or self._largest_accepted > 0
+        if too_large and (batch.readings > 1 or certain):
+            self._split(batch, result)
+            return
+        if result.reason_code is None and not result.too_large and not self.publisher.connected:
+            # Lost with the connection (the disconnect is logged): sent again once it is back.
+            self._outbox[seq] = now
+            self.buffer.count("publish_failed")
+            log.debug("batch lost with the connection; sent again when it is back", batch_id=batch.batch_id)
+            return
+        attempts = self._retries.get(seq, (0, 0.0))[0] + 1
+        backoff = min(MAX_BACKOFF_S, 2.0 ** min(attempts, 6))
+        self._retries[seq] = (attempts, now + backoff)
+        self._outbox[seq] = now + backoff
+        fields: dict[str, object] = {}
+        if result.reason_code is not None:
+            self.buffer.count(f"puback_refused_{result.reason_code:#04x}")
+            if result.reason_code in CONNECTION_REFUSALS:
+                # Not authorized / quota exceeded: every batch would meet it; pause them all.
+                self._link_refusals += 1
+                pause = min(MAX_BACKOFF_S, 2.0 ** min(self._link_refusals, 6))
+                self._paused_until = max(self._paused_until, now + pause)
+                fields["publishing_paused_s"] = pause
+        else:
+            self.buffer.count("publish_failed_too_large" if too_large else "publish_failed")
+        tell = log.warning if attempts & (attempts - 1) == 0 else log.debug
+        tell(
+            "batch not accepted; kept for retry",
+            batch_id=batch.batch_id,
+            reason=str(result),
+            bytes=size,
+            attempt=attempts,
+            retry_in_s=backoff,
+            **fields,
+        )
+
+    def _split(self, batch: Batch, result: PublishResult) -> None:
+        """A batch too large for the link: batches form smaller from now, and this one is
+        replaced by smaller ones (or, one reading no message can carry, by a dead letter)."""
+        size = len(batch.payload)
+        guess = result.limit if result.limit is not None else max(size // 2, self._largest_accepted)
+        fits = max(MIN_SPLIT_BYTES, min(guess, size - 1, self.buffer.max_bytes))
+        # A limit the broker announced is the link's; a guess is kept from going below the config's.
+        learnt = fits if result.limit is not None else max(MIN_LEARNT_MAX_BYTES, fits)
+        if learnt < self.buffer.max_bytes:
+            log.info("the cloud takes smaller messages: batches are formed smaller", max_bytes=learnt)
+            self.buffer.max_bytes = learnt
+        reason = f"too large to publish: a message of {size} bytes holding only this reading was refused ({result})"
+        try:
+            seqs, dead = self.buffer.split(batch.seq, fits, reason=reason)
+        except sqlite3.DatabaseError:
+            self._in_flight[batch.seq] = batch  # as for a confirm: handled again later
+            self._results.put((batch.seq, result))
+            raise
+        self._retries.pop(batch.seq, None)
+        if not seqs and not dead:
+            return  # dropped by a bound meanwhile
+        self.buffer.count("publish_failed_too_large")
+        for seq in seqs:
+            self._outbox[seq] = 0.0
+        if dead:
+            log.error(
+                "reading too large for any message the cloud takes: moved to dead letters",
                 batch_id=batch.batch_id,
+                bytes=size,
+                readings=dead,
                 reason=str(result),
-                retry_in_s=backoff,
+            )
+        else:
+            log.warning(
+                "batch refused as too large; split into smaller batches",
+                batch_id=batch.batch_id,
+                bytes=size,
+                readings=batch.readings,
+                parts=len(seqs),
+                max_bytes=fits,
+                reason=str(result),
             )
 
     def _enforce_bounds(self) -> None:
         gap = self.buffer.enforce_bounds(in_flight=list(self._in_flight))
         if gap is not None:
-            log.warning("buffer bound reached: oldest readings dropped", **gap.log_fields())
+            fields = gap.log_fields()
+            if self._clock_jump_s is not None and "max_age" in gap.reasons:
+                # A Pi without an RTC that syncs NTP jumps forward: what was stamped before the
+                # jump looks old. Say so, or the log blames the readings' age alone.
+                fields["clock_jump_s"] = round(self._clock_jump_s, 1)
+            log.warning("buffer bound reached: oldest readings dropped", **fields)
 
     def reload(self) -> None:
         """Reload device maps; a map that fails validation is rejected and the old one stays."""
@@ -414,8 +612,9 @@ class Service:
         while time.monotonic() < deadline - 1.0:
             self._collect_results()
             if self.publisher.connected and time.monotonic() >= self._paused_until:
+                now = time.monotonic()
                 for seq in sorted(self._outbox):
-                    if len(self._in_flight) < self.settings.cloud.max_in_flight:
+                    if len(self._in_flight) < self.settings.cloud.max_in_flight and self._outbox[seq] <= now:
                         del self._outbox[seq]
                         formed = self.buffer.batch(seq)
                         if formed is not None:
@@ -430,3 +629,4 @@ class Service:
             self._wake.wait(0.05)
             self._wake.clear()
         self._collect_results()
+

@@ -76,8 +76,13 @@ def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
         },
         "last_publish_ms": last_publish,
         "last_publish_age_s": None if last_publish is None else round((now - last_publish) / 1000, 1),
-        "dead_letters": {"total": counters.get("dead_letters", 0), "latest": letters},
+        "dead_letters": {
+            "total": counters.get("dead_letters", 0),
+            "kept_bytes": totals.get("dead_letter_bytes", 0),
+            "latest": letters,
+        },
         "unmapped_uplinks": unmapped,
+        "unmapped_bytes": totals.get("unmapped_bytes", 0),
         "counters": counters,
         "gap_pending": json.loads(state.get("gap", "{}")),
         "recovered": json.loads(state["recovered"]) if "recovered" in state else None,
@@ -109,8 +114,9 @@ def format_status(report: dict[str, Any]) -> str:
         f"backlog:       {b['readings']} readings, {b['bytes']} bytes, "
         f"oldest unsent {_age(b['oldest_unsent_ms'], now) if b['oldest_unsent_ms'] else 'none'}",
         f"last publish:  {_age(report['last_publish_ms'], now)}",
-        f"dead letters:  {report['dead_letters']['total']}",
-        f"unmapped:      {report['unmapped_uplinks']} uplinks from devices in no map (kept for replay)",
+        f"dead letters:  {report['dead_letters']['total']} ({report['dead_letters']['kept_bytes']} bytes kept)",
+        f"unmapped:      {report['unmapped_uplinks']} uplinks from devices in no map, "
+        f"{report['unmapped_bytes']} bytes (kept for replay)",
     ]
     if report.get("recovered"):
         r = report["recovered"]

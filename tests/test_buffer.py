@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -120,11 +121,24 @@ def test_live_and_backlog_are_separated_by_mark_live(tmp_path: Path) -> None:
 
 
 def test_live_due_after_max_delay(tmp_path: Path) -> None:
-    """Live readings are due once the oldest has waited max_delay, not before."""
+    """Live readings are due once the oldest has waited max_delay on the monotonic clock, not
+    before, whatever wall-clock time they carry."""
     b = make(tmp_path)
-    b.store([uplink(1, received_ms=10_000)])
-    assert not b.live_due(5_000, at_ms=14_000)
-    assert b.live_due(5_000, at_ms=15_001)
+    before = time.monotonic()
+    b.store([uplink(1, received_ms=10_000)])  # stamped in 1970: its wall time does not count
+    after = time.monotonic()
+    assert not b.live_due(5.0, at=before + 4.9)
+    assert b.live_due(5.0, at=after + 5.0)
+
+
+def test_live_due_after_a_partial_take_is_not_held_back_by_a_backward_clock_step(tmp_path: Path) -> None:
+    """Live uplinks left after a live batch wait at most max_delay more, even when their
+    wall-clock receive times lie ten minutes in the future (the clock was stepped back)."""
+    b = make(tmp_path, max_bytes=4096, gzip=False)
+    future = now_ms() + 600_000
+    b.store([uplink(i, readings=20, received_ms=future) for i in range(40)])
+    assert b.take(live=True) is not None and b.depth(live=True).uplinks > 0
+    assert b.live_due(5.0, at=time.monotonic() + 5.0)
 
 
 def test_drop_oldest_keeps_size_bound_and_reports_gap(tmp_path: Path) -> None:
@@ -215,10 +229,6 @@ def test_totals_match_the_file_after_a_failed_transaction(tmp_path: Path) -> Non
 
     with pytest.raises(Boom):
         b.store(bad())  # type: ignore[arg-type]
-    assert b.depth().readings == 3
-    nan = DecodedUplink("chirpstack/nan", "s1", DEV, 5, {}, (Reading("CC1", float("nan"), "mA", 5),))
-    with pytest.raises(ValueError):  # not JSON: fails inside the transaction, after uplink 2's key
-        b.store([uplink(2), nan])
     assert b.depth().readings == 3
     assert b.store([uplink(2)]).stored == 1  # its key was not kept: it is no duplicate
     assert b.depth().readings == 6
@@ -383,3 +393,142 @@ def test_compact_packs_a_long_backlog_into_batches_and_keeps_every_reading(
     assert numbers == list(range(len(numbers)))  # the oldest, in order, none twice
     assert b.depth().total_readings == 2000
     assert b.pending_seqs() == seqs
+
+
+def test_an_uplink_the_wire_cannot_carry_is_a_dead_letter_and_its_group_is_stored(tmp_path: Path) -> None:
+    """A reading or meta value JSON cannot hold (NaN from a hostile event) makes its uplink a dead
+    letter with the reason and raw payload; the rest of the group is stored as usual."""
+    b = make(tmp_path)
+    nan_value = DecodedUplink(
+        "chirpstack/nan", "s1", DEV, 5, {}, (Reading("CC1", float("nan"), "mA", 5),), payload=b"\x02raw"
+    )
+    nan_meta = DecodedUplink("chirpstack/snr", "s1", DEV, 6, {"snr": float("nan")}, (Reading("CC1", 1, "mA", 6),))
+    result = b.store([uplink(1), nan_value, nan_meta, uplink(2)])
+    assert (result.stored, result.dead_letters) == (2, 2)
+    assert b.depth().readings == 6
+    rows = sqlite3.connect(tmp_path / "b.db").execute("SELECT source, reason, payload FROM dead_letters").fetchall()
+    assert [(r[0], bytes(r[2])) for r in rows] == [("chirpstack/nan", b"\x02raw"), ("chirpstack/snr", b"")]
+    assert [r[1].split(": ", 1)[1] for r in rows] == [
+        "CC1 is nan (not a finite number)",
+        "meta field 'snr' is nan (not a finite number)",
+    ]
+
+
+def test_an_uplink_too_big_for_any_message_is_a_dead_letter_at_intake(tmp_path: Path) -> None:
+    """An uplink whose readings exceed batch.max_bytes even compressed can never be sent: it is a
+    dead letter saying so, never a batch retried until max_age."""
+    b = make(tmp_path, max_bytes=4096, gzip=True)
+    rng = __import__("random").Random(1)
+    noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(20_000))
+    huge = DecodedUplink("chirpstack/huge", "s1", DEV, 5, {}, (Reading("label", noise, None, 5),), payload=b"x")
+    result = b.store([huge, uplink(1)])
+    assert (result.stored, result.dead_letters) == (1, 1)
+    reason = sqlite3.connect(tmp_path / "b.db").execute("SELECT reason FROM dead_letters").fetchone()[0]
+    assert "could never be sent" in reason and "max_bytes 4096" in reason
+
+
+def test_dead_letters_and_unmapped_uplinks_count_in_max_size_and_keep_their_share(tmp_path: Path) -> None:
+    """Dead letters and unmapped uplinks are bounded in bytes (a tenth of max_size each, oldest
+    pruned first) and counted in max_size, so bad input cannot grow the file past its bound."""
+    from gateway.model import Unmapped, Uplink
+
+    b = make(tmp_path, max_size=1_000_000)
+    big = b"\xff" * 50_000
+    letters = [DeadLetter(DEV, f"bad/{i}", 1, "nope", big, 1_000 + i) for i in range(30)]
+    kept = [Unmapped(Uplink(f"osm/0A1B2C3D/{i}", DeviceKey("osm_id", "0A1B2C3D"), big, 1, 1)) for i in range(30)]
+    b.store(letters + kept)  # type: ignore[arg-type]
+    db = sqlite3.connect(tmp_path / "b.db")
+    dead_bytes = db.execute("SELECT sum(length(payload)) FROM dead_letters").fetchone()[0]
+    unmapped_bytes = db.execute("SELECT sum(length(uplink)) FROM unmapped").fetchone()[0]
+    assert dead_bytes <= 100_000 and unmapped_bytes <= 100_000 + 101_000  # the newest row is always kept
+    assert db.execute("SELECT source FROM dead_letters ORDER BY id DESC").fetchone()[0] == "bad/29"  # newest kept
+    b.store([uplink(i, readings=1) for i in range(5)])
+    b.close()
+    totals = json.loads(db.execute("SELECT value FROM state WHERE key='totals'").fetchone()[0])
+    assert (totals["dead_letter_bytes"], totals["unmapped_bytes"]) == (dead_bytes, unmapped_bytes)
+
+
+def test_unmapped_uplinks_are_read_in_pages(tmp_path: Path) -> None:
+    """A replay reads the unmapped store page by page, bounded in bytes, never all at once."""
+    from gateway.model import Unmapped, Uplink
+
+    b = make(tmp_path)
+    device = DeviceKey("osm_id", "0A1B2C3D")
+    b.store([Unmapped(Uplink(f"osm/0A1B2C3D/{i}", device, b"x" * 1000, 1, 1)) for i in range(50)])
+    pages, after = [], 0
+    while page := b.unmapped(after_id=after, max_bytes=10_000):
+        pages.append(len(page))
+        after = page[-1][0]
+    assert sum(pages) == 50 and max(pages) <= 5
+
+
+def test_negative_saved_totals_are_recounted_at_open(tmp_path: Path) -> None:
+    """Totals that are impossible (negative, left by two writers) are counted again from the file
+    at open, so a backlog can always drain."""
+    b = make(tmp_path)
+    b.store([uplink(i) for i in range(4)])
+    b.close()
+    db = sqlite3.connect(tmp_path / "b.db")
+    totals = json.loads(db.execute("SELECT value FROM state WHERE key='totals'").fetchone()[0])
+    db.execute("UPDATE state SET value=? WHERE key='totals'", (json.dumps(dict(totals, readings=-65)),))
+    db.commit()
+    db.close()
+    b = make(tmp_path)
+    assert b.depth().readings == 12
+
+
+def test_a_second_buffer_on_the_same_file_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
+    """Only one writer: a second open of the same buffer fails, naming the pid that holds it,
+    and succeeds once the first is closed."""
+    from gateway.errors import BufferBusyError
+
+    b = make(tmp_path)
+    with pytest.raises(BufferBusyError, match=rf"already running \(pid {os.getpid()}\)"):
+        make(tmp_path)
+    b.close()
+    make(tmp_path).close()
+
+
+def test_a_deleted_buffer_file_is_noticed_and_its_content_written_back(tmp_path: Path) -> None:
+    """`rm buffer.db` under a running daemon: the next write raises BufferLostError instead of
+    committing to an unlinked file, and rescue() puts every stored reading back at the path."""
+    from gateway.errors import BufferLostError
+
+    b = make(tmp_path)
+    b.store([uplink(i) for i in range(5)])
+    (tmp_path / "b.db").unlink()
+    with pytest.raises(BufferLostError, match="deleted"):
+        b.store([uplink(9)])
+    assert b.rescue() == tmp_path / "b.db"
+    b = make(tmp_path)
+    assert b.depth().readings == 15
+
+
+def test_the_devices_table_keeps_only_the_newest_unmapped_devices(tmp_path: Path) -> None:
+    """A stream of distinct unmapped dev_euis cannot grow the per-device table without bound:
+    the most recently heard 1,000 are kept, mapped devices always."""
+    from gateway.model import Unmapped, Uplink
+
+    b = make(tmp_path)
+    b.store([uplink(1)])
+    strays = [
+        Unmapped(Uplink(f"chirpstack/u{i}", DeviceKey("dev_eui", f"{i:016x}"), b"", 1, 1_000 + i)) for i in range(1500)
+    ]
+    b.store(strays)  # type: ignore[arg-type]
+    b.heartbeat()
+    db = sqlite3.connect(tmp_path / "b.db")
+    assert db.execute("SELECT count(*) FROM devices WHERE sensor_id IS NULL").fetchone()[0] == 1000
+    assert db.execute("SELECT min(last_seen_ms) FROM devices WHERE sensor_id IS NULL").fetchone()[0] == 1_500
+    assert db.execute("SELECT count(*) FROM devices WHERE sensor_id = 's1'").fetchone()[0] == 1
+
+
+def test_an_integer_the_cloud_cannot_store_makes_its_uplink_a_dead_letter(tmp_path: Path) -> None:
+    """A reading of 39 or more digits (Snowflake's NUMBER holds 38) is a dead letter naming the
+    metric and its size, never a value the loader rejects or rounds."""
+    b = make(tmp_path)
+    big = DecodedUplink("chirpstack/big", "s1", DEV, 5, {}, (Reading("count", 10**38, None, 5),))
+    fits = DecodedUplink("chirpstack/fits", "s1", DEV, 5, {}, (Reading("count", 10**38 - 1, None, 5),))
+    result = b.store([big, fits])
+    assert (result.stored, result.dead_letters) == (1, 1)
+    reason = sqlite3.connect(tmp_path / "b.db").execute("SELECT reason FROM dead_letters").fetchone()[0]
+    assert "count is an integer of 39 digits" in reason

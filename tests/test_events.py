@@ -98,3 +98,50 @@ def test_osm_fragments_of_one_second_are_distinct_but_redeliveries_are_not() -> 
     again = parse_osm("osm/0A1B2C3D/measurements", b'{"UNIX": 1795000000, "VALUES": {"CC1": 1}}', 7)
     assert a.source == b.source == "osm/0A1B2C3D/1795000000"
     assert a.dedup_key != b.dedup_key and a.dedup_key == again.dedup_key
+
+
+@pytest.mark.parametrize("encoding", ["json", "protobuf"])
+@pytest.mark.parametrize("snr", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_snr_is_left_out_of_meta(encoding: str, snr: float) -> None:
+    """"snr": "NaN" (or Infinity) is valid protobuf JSON and binary: the uplink parses and the
+    field is left out of its meta, so no non-finite number can reach the wire."""
+    up = parse_chirpstack(topic(EUI), encode(uplink_event(EUI, b"\x02", snr=snr), encoding), 5, encoding)
+    assert isinstance(up, Uplink) and "snr" not in up.meta and up.meta["rssi"] == -80
+
+
+def test_the_idempotency_key_of_a_chirpstack_uplink_is_scoped_by_device() -> None:
+    """Two devices' events that share a deduplicationId are different uplinks to intake."""
+    a = parse_chirpstack(topic(EUI), encode(uplink_event(EUI, b"\x02", dedup_id="same"), "json"), 5, "json")
+    other = "70b3d57ed0005678"
+    b = parse_chirpstack(topic(other), encode(uplink_event(other, b"\x02", dedup_id="same"), "json"), 5, "json")
+    assert isinstance(a, Uplink) and isinstance(b, Uplink)
+    assert a.source == b.source == "chirpstack/same" and a.dedup_key != b.dedup_key
+
+
+def test_an_object_nested_past_protobufs_limit_says_so() -> None:
+    """A decoded object nested 60 levels deep is an EventError that names the nesting limit,
+    not protobuf's internal words."""
+    deep: dict[str, object] = {"v": 1}
+    for _ in range(60):
+        deep = {"a": deep}
+    document = json.loads(encode(uplink_event(EUI, b"\x02"), "json"))
+    document["object"] = deep
+    with pytest.raises(EventError, match="nests deeper than protobuf's limit of 100 levels"):
+        parse_chirpstack(topic(EUI), json.dumps(document).encode(), 5, "json")
+
+
+def test_a_giant_deduplication_id_is_an_event_error() -> None:
+    """A 400 KB deduplicationId is not ChirpStack's (it sends UUIDs): a dead letter, not an
+    idempotency key that bloats every batch."""
+    event = uplink_event(EUI, b"\x02", dedup_id="x" * 400_000)
+    with pytest.raises(EventError, match="deduplicationId is 400000 characters long"):
+        parse_chirpstack(topic(EUI), encode(event, "json"), 5, "json")
+
+
+def test_a_4000_digit_integer_in_an_event_is_an_event_error_not_a_crash() -> None:
+    """A 4,000-digit fCnt parses as JSON but not as the protobuf field: EventError, never an
+    exception out of the parser."""
+    document = json.loads(encode(uplink_event(EUI, b"\x02"), "json"))
+    document["fCnt"] = int("9" * 4000)
+    with pytest.raises(EventError):
+        parse_chirpstack(topic(EUI), json.dumps(document).encode(), 5, "json")

@@ -47,3 +47,30 @@ def test_damage_found_by_the_background_check_stops_with_exit_3_and_a_marker(
     reopened = Buffer(path, "gw-t-01", "acme", "leeds")
     assert reopened.recovered is not None and "quick_check" in reopened.recovered.reason
     reopened.close()
+
+
+def test_a_dead_intake_thread_stops_the_daemon_with_a_failure_exit(tmp_path: Path) -> None:
+    """An exception nothing expected ends the intake thread (here: the local broker client's ack
+    raising): the main loop sees the dead worker, stops feeding the watchdog and exits 1, so
+    systemd restarts the daemon rather than leaving it deaf and "running"."""
+    from functools import partial
+
+    from gateway.service import EXIT_WORKER_DIED
+    from gateway.sources import Delivery
+    from gateway.sources.events import parse_chirpstack
+    from tests.chirpstack import encode, topic, uplink_event
+
+    service = Service(load_config(directory_site(tmp_path)), sources=[])
+    service.intake.add_parser("test", partial(parse_chirpstack, encoding="json"))
+
+    def broken_ack() -> None:
+        raise RuntimeError("client gone")
+
+    runner = threading.Thread(target=service.run)
+    runner.start()
+    event = encode(uplink_event("70b3d57ed0001234", b"\x02"), "json")
+    service.intake.deliver(Delivery("test", topic("70b3d57ed0001234"), event, now_ms(), broken_ack))
+    assert service.stopped.wait(30)
+    runner.join(10)
+    assert service.exit_code == EXIT_WORKER_DIED
+    assert isinstance(service.intake.died, RuntimeError)

@@ -16,6 +16,11 @@ from gateway.model import Batch
 #: matching subscribers", which brokers other than IoT Core send when nobody listens.
 SUCCESS_CODES = frozenset({0x00, 0x10})
 
+#: PUBACK reason codes that concern the connection, not the message: 0x87 not authorized (the
+#: policy), 0x97 quota exceeded (the account's or connection's rate). Only these pause all
+#: publishing; any other refusal is the batch's own and backs off that batch alone.
+CONNECTION_REFUSALS = frozenset({0x87, 0x97})
+
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
@@ -24,6 +29,13 @@ class PublishResult:
     ok: bool
     reason_code: int | None = None
     reason: str = ""
+    #: The link refused the message for its size, or may have: the client's own check against
+    #: the Maximum Packet Size the broker announced, or a PUBACK whose reason code the client
+    #: cannot read (Mosquitto answers 0x95 "packet too large", which is not a PUBACK code in
+    #: MQTT 5 and which awscrt turns into None, to a message over its `message_size_limit`).
+    too_large: bool = False
+    #: The largest payload (bytes) the link takes, when the broker announced it.
+    limit: int | None = None
 
     def __str__(self) -> str:
         if self.ok:

@@ -5,6 +5,17 @@ connection), so the backlog drains as fast as IoT Core allows and no faster. Ope
 flight fail on a disconnect (`FAIL_ALL_ON_DISCONNECT`): the buffer, not the client's offline
 queue, is the one place unacknowledged batches live, and the service republishes them (same
 batch id, same bytes) when the connection is back, live readings first.
+
+Whatever a publish ends in, `done` is called once: a PUBACK the client cannot fully read, or an
+exception while reading it, is a refusal, never a slot that stays in flight. Messages too large
+for the link are marked so (`PublishResult.too_large`) for the service to split:
+
+- the client checks each PUBLISH against the Maximum Packet Size of the broker's CONNACK and
+  fails it with AWS_ERROR_MQTT5_PACKET_VALIDATION; the limit is then known;
+- Mosquitto answers a QoS 1 message over its `message_size_limit` with PUBACK reason 0x95
+  (packet too large), which is not a PUBACK reason code in MQTT 5: awscrt 0.36 gives such a
+  code as `reason_code=None` (no reason string either), so the code itself is lost and an
+  unreadable PUBACK code is read as "perhaps too large".
 """
 
 from __future__ import annotations
@@ -23,6 +34,11 @@ from gateway.model import Batch
 from gateway.wire import CONTENT_TYPE
 
 log = structlog.get_logger("gateway.cloud")
+
+#: What the size estimate of a PUBLISH may miss; kept off the limit a refusal reports.
+_SIZE_MARGIN = 32
+#: awscrt's error for a packet the client itself refuses to send (size, topic, properties).
+_PACKET_VALIDATION = "AWS_ERROR_MQTT5_PACKET_VALIDATION"
 
 
 def _reason_name(code: int) -> str:
@@ -43,6 +59,8 @@ class IotCorePublisher:
         self._stopped = threading.Event()
         self.epoch = 0
         self.last_error: str | None = None
+        #: Maximum Packet Size from the broker's CONNACK (MQTT's own maximum when it sets none).
+        self.max_packet_size: int | None = None
         self._client = mqtt5_client_builder.mtls_from_path(
             endpoint=settings.endpoint,
             port=settings.port,
@@ -97,22 +115,53 @@ class IotCorePublisher:
             content_type=CONTENT_TYPE,
             user_properties=props,
         )
+        overhead = _packet_size(self._topic, props, batch.payload) - len(batch.payload)
         try:
             future = self._client.publish(packet)
         except Exception as exc:  # the client refuses at once (e.g. offline): a normal failure
             done(batch.seq, PublishResult(False, None, f"publish refused: {exc}"))
             return
-        future.add_done_callback(lambda f: done(batch.seq, self._result(f)))
+        future.add_done_callback(lambda f: self._complete(batch, overhead, f, done))
 
-    @staticmethod
-    def _result(future: Future[Any]) -> PublishResult:
+    def _complete(self, batch: Batch, overhead: int, future: Future[Any], done: Done) -> None:
+        """awscrt's thread: read the outcome and call `done` exactly once; nothing escapes."""
+        try:
+            result = self._result(batch, overhead, future)
+        except Exception as exc:  # an outcome we cannot read is a refusal, not a lost slot
+            result = PublishResult(False, None, f"unreadable publish outcome: {exc!r}")
+        try:
+            done(batch.seq, result)
+        except Exception:
+            log.exception("publish outcome not handed on", batch_id=batch.batch_id)
+
+    def _result(self, batch: Batch, overhead: int, future: Future[Any]) -> PublishResult:
+        size = len(batch.payload)
         exc = future.exception()
         if exc is not None:
+            limit = self.max_packet_size
+            if getattr(exc, "name", None) == _PACKET_VALIDATION and limit is not None and size + overhead > limit:
+                return PublishResult(
+                    False,
+                    None,
+                    f"publish refused by the client: {size + overhead} bytes exceed the broker's "
+                    f"Maximum Packet Size {limit} ({exc})",
+                    too_large=True,
+                    limit=max(0, limit - overhead - _SIZE_MARGIN),
+                )
             return PublishResult(False, None, f"publish failed: {exc}")
         completion = future.result()
         puback = getattr(completion, "puback", None)
         if puback is None:
             return PublishResult(False, None, "no PUBACK received")
+        if puback.reason_code is None:
+            text = f" ({puback.reason_string})" if puback.reason_string else ""
+            return PublishResult(
+                False,
+                None,
+                f"PUBACK with a reason code the client cannot read{text} for a message of {size} bytes "
+                "(Mosquitto sends 0x95 packet too large so)",
+                too_large=True,
+            )
         code = int(puback.reason_code)
         if code in SUCCESS_CODES:
             return PublishResult(True, code)
@@ -122,6 +171,8 @@ class IotCorePublisher:
     # ---- lifecycle (awscrt's threads) ----------------------------------------------------
 
     def _on_success(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
+        settings = getattr(data, "negotiated_settings", None)
+        self.max_packet_size = getattr(settings, "maximum_packet_size_to_server", None)
         self.epoch += 1
         self.last_error = None
         self._connected.set()
@@ -144,6 +195,32 @@ class IotCorePublisher:
     def _on_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
         self._connected.clear()
         self._stopped.set()
+
+
+def _packet_size(topic: str, props: list[mqtt5.UserProperty], payload: bytes) -> int:
+    """Bytes of the QoS 1 PUBLISH `publish` sends, as MQTT 5 encodes it (what the client
+    compares with the broker's Maximum Packet Size)."""
+
+    def string(text: str) -> int:
+        return 2 + len(text.encode())
+
+    properties = (
+        2  # payload format indicator
+        + 5  # message expiry interval
+        + 1
+        + string(CONTENT_TYPE)
+        + sum(1 + string(p.name) + string(p.value) for p in props)
+    )
+    remaining = string(topic) + 2 + _varint_size(properties) + properties + len(payload)
+    return 1 + _varint_size(remaining) + remaining
+
+
+def _varint_size(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
 
 
 def _describe(data: Any) -> str:

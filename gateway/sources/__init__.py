@@ -63,6 +63,7 @@ def build_sources(
                 session_expiry_s=source.session_expiry,
                 deliver=deliver,
                 client_factory=client_factory,
+                max_message_size=source.max_message_size,
             )
         )
         parsers[name] = parser_for(source)

@@ -22,8 +22,10 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from gateway.errors import EventError
 from gateway.model import DeviceKey, DeviceLog, Uplink
 
-_OSM_TOPIC = re.compile(r"^osm/([0-9A-Fa-f]{8})/measurements$")
-_DEV_EUI = re.compile(r"^[0-9a-fA-F]{16}$")
+_OSM_TOPIC = re.compile(r"osm/([0-9A-Fa-f]{8})/measurements")
+_DEV_EUI = re.compile(r"[0-9a-fA-F]{16}")
+#: ChirpStack's deduplicationId is a UUID (36 characters); a longer one is not ChirpStack's.
+MAX_DEDUPLICATION_ID = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +91,14 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
         else:
             message.ParseFromString(payload)
     except (ValueError, json_format.ParseError, ProtobufDecodeError, RecursionError) as exc:
+        if "too deep" in str(exc) or isinstance(exc, RecursionError):
+            raise EventError(
+                f"{kind} event nests deeper than protobuf's limit of 100 levels (ChirpStack's decoded "
+                "object is too deep to be an event ChirpStack itself could have sent)"
+            ) from None
         raise EventError(f"{kind} event does not parse as {encoding}: {_short(exc)}") from None
     dev_eui = message.device_info.dev_eui.lower()
-    if not _DEV_EUI.match(dev_eui):
+    if not _DEV_EUI.fullmatch(dev_eui):
         raise EventError(f"{kind} event has no valid deviceInfo.devEui ({dev_eui!r})")
     device = DeviceKey("dev_eui", dev_eui)
     if isinstance(message, integration_pb2.LogEvent):
@@ -104,15 +111,23 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
         )
     if not message.deduplication_id:
         raise EventError("uplink event has no deduplicationId")
+    if len(message.deduplication_id) > MAX_DEDUPLICATION_ID:
+        raise EventError(
+            f"uplink event's deduplicationId is {len(message.deduplication_id)} characters long; "
+            f"ChirpStack's are UUIDs (at most {MAX_DEDUPLICATION_ID} accepted)"
+        )
     if raw_object is None and message.HasField("object"):
         raw_object = _integral(json_format.MessageToDict(message.object))
     meta: dict[str, Any] = {"dev_eui": dev_eui, "f_cnt": message.f_cnt, "f_port": message.f_port}
     if message.rx_info:
         best = max(message.rx_info, key=lambda rx: rx.rssi)
         meta["rssi"] = best.rssi
-        meta["snr"] = round(best.snr, 2)
+        if math.isfinite(best.snr):  # "NaN" and "Infinity" are valid protobuf JSON: never on the wire
+            meta["snr"] = round(best.snr, 2)
     return Uplink(
         source=f"chirpstack/{message.deduplication_id}",
+        # Scoped by device: two devices' events that happen to share an id are both stored.
+        dedup_key=f"chirpstack/{dev_eui}/{message.deduplication_id}",
         device=device,
         payload=bytes(message.data),
         time_ms=_uplink_time_ms(message, received_ms),
@@ -131,7 +146,7 @@ def parse_osm(topic: str, payload: bytes, received_ms: int) -> Uplink:
     `osm-json` codec decodes the rest (from the document parsed here, passed as `object`), so
     a malformed body still reaches the device's dead letters rather than vanishing.
     """
-    match = _OSM_TOPIC.match(topic)
+    match = _OSM_TOPIC.fullmatch(topic)
     if not match:
         raise EventError(f"topic {topic!r} is not osm/<8 hex HWID>/measurements")
     hwid = match.group(1).upper()

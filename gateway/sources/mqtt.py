@@ -30,6 +30,15 @@ log = structlog.get_logger("gateway.sources")
 # How many unacknowledged QoS 1 messages the broker may push to us at once. While the buffer
 # refuses intake (stop-intake, disk full) this many wait in memory; the broker keeps the rest.
 RECEIVE_MAXIMUM = 1000
+#: Bytes of an oversized message kept in its dead letter.
+OVERSIZE_KEPT = 256
+#: The MQTT v5 Maximum Packet Size we announce is this many times `max_message_size`: messages
+#: up to it reach us and become dead letters (size and first bytes) that say what happened;
+#: beyond it the broker discards them itself (Mosquitto logs it), so a hostile publisher cannot
+#: make us read a giant packet into memory.
+PACKET_SIZE_FACTOR = 4
+PACKET_OVERHEAD = 64 * 1024  # topic, properties and header around the payload
+MQTT_MAX_PACKET = 268_435_455  # the protocol's own limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +50,9 @@ class Delivery:
     payload: bytes
     received_ms: int
     ack: Callable[[], None]
+    #: The message's real size when it exceeded `max_message_size`: `payload` then holds only
+    #: its first bytes (kept in the dead letter), never the whole of it.
+    oversize: int | None = None
 
 
 class ClientFactory(Protocol):
@@ -71,8 +83,10 @@ class MqttSource:
         session_expiry_s: float,
         deliver: Callable[[Delivery], None],
         client_factory: ClientFactory = paho_client,
+        max_message_size: int = 256 * 1024,
     ) -> None:
         self.name = name
+        self.max_message_size = max_message_size
         self.topic = topic
         self.client_id = client_id
         self._broker = broker
@@ -106,6 +120,7 @@ class MqttSource:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._session_expiry
         props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props.MaximumPacketSize = min(MQTT_MAX_PACKET, self.max_message_size * PACKET_SIZE_FACTOR + PACKET_OVERHEAD)
         self._client.connect_async(
             self._broker.host,
             self._broker.port,
@@ -172,7 +187,12 @@ class MqttSource:
                 if qos > 0:
                     client.ack(mid, qos)
 
-        self._deliver(Delivery(self.name, message.topic, bytes(message.payload), time.time_ns() // 1_000_000, ack))
+        payload = message.payload
+        oversize = None
+        if len(payload) > self.max_message_size:
+            oversize = len(payload)
+            payload = payload[:OVERSIZE_KEPT]
+        self._deliver(Delivery(self.name, message.topic, bytes(payload), time.time_ns() // 1_000_000, ack, oversize))
 
 
 __all__ = ["Delivery", "MqttSource", "paho_client"]

@@ -116,6 +116,8 @@ class Mosquitto:
         autosave_interval: int | None = None,
         max_queued_messages: int | None = None,
         max_inflight_messages: int | None = None,
+        message_size_limit: int | None = None,
+        max_packet_size: int | None = None,
         acl_file: Path | None = None,
         extra_config: Sequence[str] = (),
         port: int | None = None,
@@ -127,6 +129,12 @@ class Mosquitto:
         self.autosave_interval = autosave_interval
         self.max_queued_messages = max_queued_messages
         self.max_inflight_messages = max_inflight_messages
+        # Payloads over this many bytes are refused: to MQTT v5 clients at QoS 1 with PUBACK
+        # reason 0x95 (packet too large), which awscrt cannot read (it gives reason_code None).
+        self.message_size_limit = message_size_limit
+        # Announced as Maximum Packet Size in CONNACK: MQTT v5 clients refuse larger packets
+        # themselves (awscrt: AWS_ERROR_MQTT5_PACKET_VALIDATION).
+        self.max_packet_size = max_packet_size
         self.acl_file = acl_file
         self.extra_config = tuple(extra_config)
         self.executable = executable or find_mosquitto()
@@ -262,6 +270,10 @@ class Mosquitto:
             lines.append(f"max_queued_messages {self.max_queued_messages}")
         if self.max_inflight_messages is not None:
             lines.append(f"max_inflight_messages {self.max_inflight_messages}")
+        if self.message_size_limit is not None:
+            lines.append(f"message_size_limit {self.message_size_limit}")
+        if self.max_packet_size is not None:
+            lines.append(f"max_packet_size {self.max_packet_size}")
         if self.acl_file is not None:
             lines.append(f"acl_file {self.acl_file}")
         lines += self.extra_config

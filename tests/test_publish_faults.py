@@ -1,0 +1,543 @@
+"""Publishing under refusals (issue 8): a PUBACK the client cannot read, a batch too large for the
+link, a reading too large for any message, and one batch that keeps failing among good ones.
+
+The link's size limit comes from a real Mosquitto. With `message_size_limit` it answers a QoS 1
+message over the limit with PUBACK reason 0x95 (packet too large; its log says "Sending PUBACK
+to <client> (m2, rc149)"), which is not a PUBACK code in MQTT 5: awscrt 0.36.1 hands it over as
+`reason_code=None` with no reason string, so the gateway cannot print 0x95 and reports "a reason
+code the client cannot read". With `max_packet_size` Mosquitto announces the limit in CONNACK
+and awscrt fails a larger PUBLISH itself with AWS_ERROR_MQTT5_PACKET_VALIDATION.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway import service as service_module
+from gateway import wire
+from gateway.buffer import Buffer, now_ms
+from gateway.cloud import Done, PublishResult
+from gateway.cloud.iot_core import IotCorePublisher
+from gateway.config import load_config
+from gateway.config.settings import IotCoreCloud
+from gateway.model import Batch, DecodedUplink, DeviceKey, Reading
+from gateway.service import Service
+from gateway.status import read_status
+from tests.chirpstack import encode, topic, uplink_event
+from tests.support.brokers import Mosquitto, ReceivedMessage, ServerTLS, Subscriber, publishing
+from tests.support.certs import TestCerts
+from tests.support.daemon import Daemon
+
+LINK_LIMIT = 4096  # the stand-in's message_size_limit: bytes of payload it takes
+T0 = 1_795_000_000_000
+MAX_IN_FLIGHT = 8  # the daemon's default cloud.max_in_flight
+
+Row = tuple[str, int, str, Any]  # sensor_id, timestamp, metric, value
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def dev_eui(i: int) -> str:
+    return f"70b3d57ed002{i:04x}"
+
+
+def osm_devices(count: int) -> str:
+    lines = ["devices:"]
+    for i in range(count):
+        lines += [f"  - dev_eui: {dev_eui(i)}", f"    sensor_id: machine-{i:02d}-clamp", "    codec: osm-v2"]
+    return "\n".join(lines) + "\n"
+
+
+def frame(n: int) -> bytes:
+    """An osm-v2 frame with one current reading whose value encodes n."""
+    return b"\x02" + b"CC1\x00" + b"\x01" + b"\x02" + (n % 65536).to_bytes(2, "little")
+
+
+def burst(local: Mosquitto, devices: int, numbers: range) -> set[Row]:
+    """Publish uplinks n in `numbers` for every device to the local broker, each acked."""
+    expected: set[Row] = set()
+    with publishing(local) as send:
+        for n in numbers:
+            for d in range(devices):
+                event = uplink_event(dev_eui(d), frame(n), f_cnt=n, time_ms=T0 + n * 1000, dedup_id=f"{d}-{n}")
+                send(topic(dev_eui(d)), encode(event, "json"))
+                expected.add((f"machine-{d:02d}-clamp", T0 + n * 1000, "CC1", n % 65536))
+    return expected
+
+
+def rows_of(message: ReceivedMessage) -> list[Row]:
+    body = wire.decode_message(message.payload)
+    return [(r["sensor_id"], r["timestamp"], r["metric_name"], r["metric_value"]) for r in wire.expand_rows(body)]
+
+
+def wait_rows(reader: Subscriber, expected: set[Row], timeout: float = 60.0) -> list[ReceivedMessage]:
+    """Wait until every expected row has reached the cloud reader; return all messages."""
+    got: set[Row] = set()
+    read = 0
+
+    def arrived(messages: list[ReceivedMessage]) -> bool:
+        nonlocal read
+        for m in messages[read:]:
+            got.update(rows_of(m))
+        read = len(messages)
+        return expected <= got
+
+    return reader.wait_for(arrived, timeout=timeout)
+
+
+@pytest.fixture(params=["message_size_limit"])
+def small_cloud(
+    request: pytest.FixtureRequest, tmp_path: Path, certs: TestCerts, mosquitto_executable: str
+) -> Iterator[Mosquitto]:
+    """IoT Core's stand-in (TLS, require_certificate) that takes at most LINK_LIMIT bytes: with
+    `message_size_limit` it refuses larger payloads (PUBACK 0x95); with `max_packet_size` it
+    announces the limit in CONNACK and the client itself refuses larger packets."""
+    broker = Mosquitto(
+        tmp_path / "small-cloud",
+        tls=ServerTLS(ca=certs.ca_cert, server=certs.server, require_certificate=True),
+        max_inflight_messages=100,
+        executable=mosquitto_executable,
+        **{request.param: LINK_LIMIT},
+    )
+    with broker:
+        yield broker
+
+
+@pytest.fixture
+def small_reader(small_cloud: Mosquitto, certs: TestCerts) -> Iterator[Subscriber]:
+    """The cloud side of the small stand-in."""
+    with Subscriber(small_cloud, "dt/hub/#", client_id="small-reader", client_cert=certs.client("small-reader")) as r:
+        yield r
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    made: list[Daemon] = []
+    yield made
+    for d in made:
+        d.close()
+
+
+# ---- A: a PUBACK the client cannot read, with the real IotCorePublisher -----------------
+
+
+@pytest.mark.integration
+def test_unreadable_puback_code_is_one_refusal_marked_too_large(small_cloud: Mosquitto, certs: TestCerts) -> None:
+    """A PUBACK 0x95 (which awscrt gives as reason_code None) completes the publish exactly once
+    as a refusal marked too_large, and the client keeps publishing afterwards."""
+    pair = certs.client("gw-pub-01")
+    settings = IotCoreCloud(
+        kind="iot-core", endpoint="localhost", port=small_cloud.port, ca=certs.ca_cert, cert=pair.cert, key=pair.key
+    )
+    publisher = IotCorePublisher(settings, client_id="gw-pub-01", topic="dt/hub/acme/leeds/gw-pub-01/readings")
+    results: dict[int, list[PublishResult]] = {}
+    arrived = threading.Condition()
+
+    def done(seq: int, result: PublishResult) -> None:
+        with arrived:
+            results.setdefault(seq, []).append(result)
+            arrived.notify_all()
+
+    def batch(seq: int, size: int) -> Batch:
+        payload = b"x" * size
+        return Batch(seq=seq, batch_id=f"gw-pub-01-{seq:012d}", payload=payload, readings=2, gzip=False, created_ms=0)
+
+    publisher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not publisher.connected:  # the client connects in the background; nothing to wait on
+            assert time.monotonic() < deadline, "the publisher never connected"
+            time.sleep(0.02)
+        for seq in range(1, 2 * MAX_IN_FLIGHT + 1):  # more refusals than a client has slots
+            publisher.publish(batch(seq, LINK_LIMIT + 1000), done)
+        publisher.publish(batch(100, 100), done)
+        with arrived:
+            assert arrived.wait_for(lambda: len(results) == 2 * MAX_IN_FLIGHT + 1, timeout=10), results
+        assert "Sending PUBACK to gw-pub-01 (m1, rc149)" in small_cloud.log_path.read_text()
+    finally:
+        publisher.stop(5)
+    refused = [results[seq] for seq in range(1, 2 * MAX_IN_FLIGHT + 1)]
+    assert all(len(r) == 1 for r in refused), "done must be called exactly once per publish"
+    assert all(not r[0].ok and r[0].too_large and r[0].reason_code is None for r in refused)
+    assert "cannot read" in refused[0][0].reason
+    assert [r.ok for r in results[100]] == [True]
+
+
+# ---- B: split, on a real SQLite buffer --------------------------------------------------
+
+
+DEV = DeviceKey("dev_eui", "70b3d57ed0001234")
+
+
+def uplink(n: int, readings: int, received_ms: int, metric: str = "CC1") -> DecodedUplink:
+    return DecodedUplink(
+        source=f"chirpstack/{n}",
+        sensor_id=f"s{n % 7}",
+        device=DEV,
+        received_ms=received_ms,
+        meta={"dev_eui": DEV.id, "f_cnt": n, "f_port": 1},
+        readings=tuple(Reading(metric, n * 1000 + i, "mA", received_ms + i) for i in range(readings)),
+    )
+
+
+def batch_totals(path: Path) -> tuple[int, int, int]:
+    """Batches, their readings and bytes, as the file holds them."""
+    with sqlite3.connect(path) as db:
+        row = db.execute("SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(payload)),0) FROM batches")
+        count, readings, size = row.fetchone()
+    return count, readings, size
+
+
+def rows_without_job(payload: bytes) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "job_id"} for r in wire.expand_rows(wire.decode_message(payload))]
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_split_keeps_every_row_and_the_totals(tmp_path: Path, gzip: bool) -> None:
+    """Split replaces a refused batch by two or more formed batches within max_bytes that expand
+    to exactly its rows (a series too big for one part divided along t/v), the gap `meta` on the
+    first part only, the same header fields, new rising seqs, and totals matching the file."""
+    b = Buffer(tmp_path / "b.db", "gw-t-01", "acme", "leeds", max_bytes=120 * 1024, gzip=gzip, max_age_s=60)
+    t = now_ms()
+    b.store([uplink(i, 2, received_ms=t - 3_600_000) for i in range(3)])  # past max_age: a gap
+    assert b.enforce_bounds() is not None
+    b.store([uplink(i, 3, received_ms=t) for i in range(10, 300)] + [uplink(999, 1500, received_ms=t, metric="wave")])
+    batch = b.take(live=True)
+    assert batch is not None and b.depth().uplinks == 0
+    original = wire.decode_message(batch.payload)
+    assert "gap" in original["meta"] and len(batch.payload) > 2 * LINK_LIMIT
+    before = b.depth()
+
+    seqs, dead = b.split(batch.seq, LINK_LIMIT)
+
+    assert dead == 0 and len(seqs) >= 2 and seqs == sorted(seqs) and seqs[0] > batch.seq
+    assert b.pending_seqs() == seqs
+    parts = [b.batch(s) for s in seqs]
+    assert all(p is not None for p in parts)
+    messages = [wire.decode_message(p.payload) for p in parts if p is not None]
+    assert all(len(p.payload) <= LINK_LIMIT for p in parts if p is not None)
+    assert [m["batch_id"] for m in messages] == [f"gw-t-01-{s:012d}" for s in seqs]
+    assert messages[0]["meta"] == original["meta"] and all("meta" not in m for m in messages[1:])
+    for m in messages:
+        assert {k: m[k] for k in ("schema", "gateway_id", "tenant_id", "site_id", "created_at")} == {
+            k: original[k] for k in ("schema", "gateway_id", "tenant_id", "site_id", "created_at")
+        }
+    assert max(len(s["t"]) for m in messages for s in m["series"]) < 1500  # the big series was divided
+    rows = [r for p in parts if p is not None for r in rows_without_job(p.payload)]
+    assert rows == rows_without_job(batch.payload)
+    assert [p.readings for p in parts if p is not None] == [
+        sum(len(s["t"]) for s in m["series"]) for m in messages
+    ]
+    after = b.depth()
+    assert after.batches == before.batches - 1 + len(seqs)
+    assert after.batch_readings == before.batch_readings == batch.readings
+    assert (after.batches, after.batch_readings, after.batch_bytes) == batch_totals(tmp_path / "b.db")
+    b.store([uplink(5000, 1, received_ms=t)])
+    nxt = b.take(live=True)
+    assert nxt is not None and nxt.seq > seqs[-1]  # the batch sequence went on past the parts
+    for s in [*seqs, nxt.seq]:
+        b.confirm(s)
+    assert b.depth().total_readings == 0 and batch_totals(tmp_path / "b.db") == (0, 0, 0)
+    b.close()
+    reopened = Buffer(tmp_path / "b.db", "gw-t-01", "acme", "leeds")
+    assert reopened.depth().batches == 0 and reopened.depth().batch_bytes == 0
+    reopened.close()
+
+
+def test_split_of_one_reading_makes_it_a_dead_letter(tmp_path: Path) -> None:
+    """A batch of one reading cannot shrink: split moves it to the dead letters with the reason
+    given, and nothing of it stays to be retried."""
+    path = tmp_path / "b.db"
+    b = Buffer(path, "gw-t-01", "acme", "leeds", gzip=False)
+    big = DecodedUplink("chirpstack/big", "s-big", DEV, now_ms(), {"dev_eui": DEV.id, "f_port": 3},
+                        (Reading("note", "x" * 6000, None, now_ms()),))
+    b.store([big])
+    batch = b.take(live=True)
+    assert batch is not None and batch.readings == 1
+
+    assert b.split(batch.seq, LINK_LIMIT, reason="too large to publish: test") == ([], 1)
+
+    assert b.pending_seqs() == [] and b.depth().total_readings == 0
+    assert batch_totals(path) == (0, 0, 0)
+    b.close()
+    report = read_status(path)
+    assert report["dead_letters"]["total"] == 1
+    letter = report["dead_letters"]["latest"][0]
+    assert letter["reason"] == "too large to publish: test"
+    assert letter["sensor_id"] == "s-big" and letter["device"] == str(DEV) and letter["f_port"] == 3
+    assert report["counters"]["too_large_readings"] == 1
+
+
+# ---- B: the daemon against a stand-in that refuses large messages ----------------------
+
+
+REFUSAL_LOGGED = {
+    "message_size_limit": "PUBACK with a reason code the client cannot read",
+    "max_packet_size": "exceed the broker's Maximum Packet Size 4096",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("small_cloud", sorted(REFUSAL_LOGGED), indirect=True)
+def test_batches_too_large_for_the_link_are_split_and_everything_arrives(
+    local_broker: Mosquitto,
+    small_cloud: Mosquitto,
+    small_reader: Subscriber,
+    certs: TestCerts,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """Batches over the stand-in's limit (PUBACK 0x95 unreadable to awscrt, or the client's own
+    check against the announced Maximum Packet Size) are split until they fit, so every reading
+    arrives; refusals free their in-flight slots (uplinks sent afterwards still arrive; with
+    PUBACK 0x95, after more refusals than max_in_flight); the log shows the refusal and why."""
+    devices = 10
+    daemon = Daemon(
+        tmp_path / "gw",
+        local_broker,
+        small_cloud,
+        certs,
+        osm_devices(devices),
+        batch_yaml="{max_delay: 200ms, max_bytes: 120KiB, compression: none}",
+    )
+    daemons.append(daemon)
+    daemon.start()
+    daemon.stop()  # the burst waits in the local broker for the daemon's session: one big backlog
+    sent = burst(local_broker, devices, range(100))
+    started = time.monotonic()
+    daemon.start()
+    messages = wait_rows(small_reader, sent, timeout=90)
+    took = time.monotonic() - started
+    daemon.wait_log("batch refused as too large; split into smaller batches")
+    limit_kind = "message_size_limit" if small_cloud.message_size_limit else "max_packet_size"
+    daemon.wait_log(REFUSAL_LOGGED[limit_kind])
+    later = burst(local_broker, devices, range(100, 130))
+    wait_rows(small_reader, later, timeout=30)
+    report = daemon.wait_status(lambda s: s["backlog"]["readings"] == 0)
+    counters = report["counters"]
+    assert counters["split_batches"] >= 1
+    if limit_kind == "message_size_limit":
+        assert counters["publish_failed_too_large"] > MAX_IN_FLIGHT  # every refusal gave its slot back
+    assert "dead_letters" not in counters or counters["dead_letters"] == 0
+    arrived = [r for m in small_reader.messages for r in rows_of(m)]
+    assert set(arrived) == sent | later
+    print(
+        f"\ntoo large ({limit_kind}): {len(sent)} readings in {took:.1f}s, {len(messages)} messages, "
+        f"{counters['publish_failed_too_large']} refused as too large, {counters['split_batches']} splits, "
+        f"largest accepted {max(len(m.payload) for m in small_reader.messages)} bytes"
+    )
+
+
+@pytest.mark.integration
+def test_a_reading_too_large_for_any_message_becomes_a_dead_letter(
+    local_broker: Mosquitto,
+    small_cloud: Mosquitto,
+    small_reader: Subscriber,
+    certs: TestCerts,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """One reading whose message alone exceeds the link's limit (a chirpstack-object string leaf
+    of 6000 characters) ends as a dead letter saying why, instead of being retried forever;
+    the backlog empties and uplinks after it still arrive."""
+    eui = "70b3d57ed0030001"
+    daemon = Daemon(
+        tmp_path / "gw",
+        local_broker,
+        small_cloud,
+        certs,
+        f"devices:\n  - dev_eui: {eui}\n    sensor_id: label-printer\n    codec: chirpstack-object\n",
+        batch_yaml="{max_delay: 200ms, max_bytes: 120KiB, compression: none}",
+    )
+    daemons.append(daemon)
+    daemon.start()
+
+    def send(n: int, obj: dict[str, Any]) -> None:
+        with publishing(local_broker) as publish:
+            event = uplink_event(eui, b"\x00", f_cnt=n, time_ms=T0 + n * 1000, dedup_id=f"obj-{n}", obj=obj)
+            publish(topic(eui), encode(event, "json"))
+
+    def arrived(n: int) -> bool:
+        return any(r[1] == T0 + n * 1000 for m in small_reader.messages for r in rows_of(m))
+
+    send(1, {"temperature": 21})
+    small_reader.wait_for(lambda ms: arrived(1), timeout=20)
+    send(2, {"label": "x" * 6000})
+    send(3, {"temperature": 22})
+    small_reader.wait_for(lambda ms: arrived(3), timeout=20)
+    report = daemon.wait_status(lambda s: s["dead_letters"]["total"] >= 1 and s["backlog"]["readings"] == 0)
+    letter = report["dead_letters"]["latest"][0]
+    assert letter["sensor_id"] == "label-printer" and letter["device"] == f"dev_eui:{eui}"
+    assert "too large to publish" in letter["reason"] and "cannot read" in letter["reason"]
+    assert report["counters"]["too_large_readings"] == 1
+    assert not arrived(2)
+    daemon.wait_log("reading too large for any message the cloud takes: moved to dead letters")
+
+
+# ---- per-batch backoff, with a Publisher double ---------------------------------------
+
+
+@dataclass
+class Attempt:
+    """One publish the double saw."""
+
+    at: float
+    seq: int
+    ok: bool
+
+
+class RefusingPublisher:
+    """A Publisher (gateway.cloud's protocol, the service's injection point) that refuses the
+    batches named in `refuse` with a reason code and accepts all others at once. A test double:
+    a real broker will not refuse one batch and accept the next on demand."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.refuse: dict[int, int] = {}  # seq -> PUBACK reason code
+        self.refuse_all: int | None = None
+        self.attempts: list[Attempt] = []
+        self.changed = threading.Condition()
+
+    def start(self) -> None:
+        self.epoch += 1
+
+    def stop(self, timeout_s: float) -> None:
+        pass
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def publish(self, batch: Batch, done: Done) -> None:
+        code = self.refuse_all if self.refuse_all is not None else self.refuse.get(batch.seq)
+        with self.changed:
+            self.attempts.append(Attempt(time.monotonic(), batch.seq, code is None))
+            self.changed.notify_all()
+        done(batch.seq, PublishResult(True, 0) if code is None else PublishResult(False, code, "refused by the test"))
+
+    def of(self, seq: int) -> list[Attempt]:
+        with self.changed:
+            return [a for a in self.attempts if a.seq == seq]
+
+    def wait(self, predicate: Any, timeout: float) -> None:
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), self.attempts[-20:]
+
+
+def service_site(where: Path) -> Path:
+    """gateway.yaml for a Service run in-process: a directory cloud (replaced by the double)."""
+    (where / "devices").mkdir(exist_ok=True)
+    (where / "devices" / "a.yaml").write_text("devices: []\n")
+    cfg = where / "gateway.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
+        "sources: [{kind: chirpstack}]\n"
+        "cloud: {kind: directory, directory: out}\n"
+        "buffer: {path: buffer.db}\n"
+        "batch: {max_delay: 100ms, compression: none}\n"
+    )
+    return cfg
+
+
+Poisoned = tuple[Service, RefusingPublisher, int]
+
+
+@pytest.fixture
+def poisoned(tmp_path: Path) -> Iterator[Callable[[], Poisoned]]:
+    """Starts, when called, a Service whose buffer holds one formed batch (the poisoned one)
+    from before its start, with a feeder storing a live uplink every 100 ms so that other
+    batches keep succeeding; returns the service, the double and the poisoned batch's seq."""
+    cfg = service_site(tmp_path)
+    b = Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds", gzip=False)
+    b.store([uplink(1, 2, received_ms=now_ms())])
+    formed = b.take(live=True)
+    assert formed is not None
+    b.close()
+    publisher = RefusingPublisher()
+    publisher.refuse[formed.seq] = 0x99  # payload format invalid: this batch's own fault
+    service = Service(load_config(cfg), publisher=publisher, sources=[])
+    stop = threading.Event()
+
+    def feed() -> None:
+        n = 100
+        while not stop.wait(0.1):
+            service.buffer.store([uplink(n, 1, received_ms=now_ms())])
+            n += 1
+
+    runner = threading.Thread(target=service.run, name="service")
+    feeder = threading.Thread(target=feed, name="feeder")
+
+    def start() -> Poisoned:
+        runner.start()
+        feeder.start()
+        return service, publisher, formed.seq
+
+    try:
+        yield start
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join(5)
+        service.request_stop()
+        if runner.is_alive():
+            runner.join(15)
+        else:
+            service.buffer.close()
+
+
+def test_a_failing_batch_backs_off_on_its_own_while_others_succeed(poisoned: Callable[[], Poisoned]) -> None:
+    """A batch refused again and again (0x99) backs off exponentially on its own (2 s, then
+    4 s) although other batches succeed in between, and its refusal pauses nobody else; only a
+    refusal concerning the connection (0x97 quota exceeded) pauses all publishing."""
+    service, publisher, seq = poisoned()
+    publisher.wait(lambda: len(publisher.of(seq)) >= 3, timeout=20)
+    first, second, third = publisher.of(seq)[:3]
+    others = [a for a in publisher.attempts if a.seq != seq and a.ok]
+    # (Batches formed in the turn that sent it may go before its refusal is read: look later.)
+    assert any(first.at + 0.5 < a.at < first.at + 1.5 for a in others), "a batch's own refusal paused everyone"
+    assert any(second.at < a.at < third.at for a in others), "no success between the retries"
+    assert second.at - first.at >= 1.9
+    assert third.at - second.at >= 3.9, "another batch's success reset the failing batch's backoff"
+
+    publisher.refuse_all = 0x97
+    count = len(publisher.attempts)
+    publisher.wait(lambda: len(publisher.attempts) > count, timeout=5)
+    refused_at = publisher.attempts[count].at
+    # The batches sent in the same turn of the main loop are refused too; then nothing is
+    # published until the pause is over.
+    publisher.wait(lambda: publisher.attempts[-1].at > refused_at + 0.2, timeout=10)
+    resumed = min(a.at for a in publisher.attempts if a.at > refused_at + 0.2)
+    publisher.refuse_all = None
+    assert resumed - refused_at >= 1.9, "quota exceeded must pause all publishing"
+    counters = read_status(service.buffer.path)["counters"]
+    assert counters["puback_refused_0x99"] >= 3 and counters["puback_refused_0x97"] >= 1
+
+
+def test_a_batch_that_keeps_failing_is_logged_as_a_warning_only_at_attempts_1_2_4_8(
+    poisoned: Callable[[], Poisoned], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retried quickly (MAX_BACKOFF_S made tiny), a batch refused 17 times is logged as a warning
+    at attempts 1, 2, 4, 8 and 16 only (debug otherwise), so a stuck batch cannot flood the
+    journal."""
+    monkeypatch.setattr(service_module, "MAX_BACKOFF_S", 0.01)
+    with capture_logs() as logs:
+        _, publisher, seq = poisoned()
+        publisher.wait(lambda: len(publisher.of(seq)) >= 18, timeout=30)  # 17 refusals handled
+        warned = [
+            e.get("attempt")
+            for e in list(logs)
+            if e["event"] == "batch not accepted; kept for retry"
+            and e["batch_id"].endswith(f"{seq:012d}")
+            and e["log_level"] == "warning"
+        ]
+    assert warned == [1, 2, 4, 8, 16]
