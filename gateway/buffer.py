@@ -107,7 +107,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     topic       TEXT,
     f_port      INTEGER,
     reason      TEXT NOT NULL,
-    payload     BLOB NOT NULL
+    payload     BLOB NOT NULL,
+    uplink      TEXT                     -- the whole Uplink (JSON) when a codec refused it: re-decoded on reload
 );
 CREATE TABLE IF NOT EXISTS unmapped (    -- uplinks of devices in no map, for replay
     id          INTEGER PRIMARY KEY,
@@ -124,7 +125,8 @@ CREATE TABLE IF NOT EXISTS devices (     -- per-device counters for status
     dead_letters  INTEGER NOT NULL DEFAULT 0,
     log_events    INTEGER NOT NULL DEFAULT 0,
     last_log      TEXT,
-    foreign_tenant INTEGER NOT NULL DEFAULT 0
+    foreign_tenant INTEGER NOT NULL DEFAULT 0,
+    note          TEXT                   -- what intake noticed about the device (an override never matched)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -138,6 +140,10 @@ CREATE TABLE IF NOT EXISTS state (       -- small facts: totals, next batch seq,
 
 
 _BATCH_COLUMNS = "seq, created_ms, readings, gzip, payload"
+#: What a dead letter weighs in max_size: its payload and, when kept, the whole uplink.
+_DEAD_LETTER_SIZE = "length(payload) + coalesce(length(uplink), 0)"
+#: Columns added after the first release: (table, column, type), added at open when missing.
+_ADDED_COLUMNS = (("dead_letters", "uplink", "TEXT"), ("devices", "note", "TEXT"))
 _TOTAL_KEYS = (
     "uplinks",
     "readings",
@@ -564,6 +570,9 @@ class Buffer:
     # ---- state -------------------------------------------------------------------------
 
     def _init_state(self) -> None:
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         with self._tx():
             self._db.execute("INSERT OR IGNORE INTO state VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             row = self._db.execute("SELECT value FROM state WHERE key='totals'").fetchone()
@@ -593,7 +602,7 @@ class Buffer:
         b = self._db.execute(
             "SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(payload)),0) FROM batches"
         ).fetchone()
-        dead = self._db.execute("SELECT coalesce(sum(length(payload)),0) FROM dead_letters").fetchone()[0]
+        dead = self._db.execute(f"SELECT coalesce(sum({_DEAD_LETTER_SIZE}),0) FROM dead_letters").fetchone()[0]
         kept = self._db.execute("SELECT coalesce(sum(length(uplink)),0) FROM unmapped").fetchone()[0]
         return {
             "uplinks": u[0],
@@ -808,10 +817,11 @@ class Buffer:
                         if not first_seen(o.source if o.device is None else f"{o.device}|{o.source}", o.received_ms):
                             result.duplicates += 1
                             continue
+                        whole = _uplink_json(o.uplink) if o.uplink is not None else None
                         db.execute(
                             "INSERT INTO dead_letters"
-                            " (received_ms, device, sensor_id, source, topic, f_port, reason, payload)"
-                            " VALUES (?,?,?,?,?,?,?,?)",
+                            " (received_ms, device, sensor_id, source, topic, f_port, reason, payload, uplink)"
+                            " VALUES (?,?,?,?,?,?,?,?,?)",
                             (
                                 o.received_ms,
                                 str(o.device) if o.device else None,
@@ -821,10 +831,11 @@ class Buffer:
                                 o.f_port,
                                 o.reason,
                                 o.payload,
+                                whole,
                             ),
                         )
                         result.dead_letters += 1
-                        self._totals["dead_letter_bytes"] += len(o.payload)
+                        self._totals["dead_letter_bytes"] += len(o.payload) + len(whole or "")
                         self._count("dead_letters")
                         if o.device is not None:
                             dev(o.device, o.sensor_id, o.received_ms)["dl"] += 1
@@ -915,7 +926,7 @@ class Buffer:
         db = self._db
         cap = max(1, self.max_size // SIDE_STORE_SHARE)
         for table, size, key, rows_kept in (
-            ("dead_letters", "length(payload)", "dead_letter_bytes", DEAD_LETTERS_KEPT),
+            ("dead_letters", _DEAD_LETTER_SIZE, "dead_letter_bytes", DEAD_LETTERS_KEPT),
             ("unmapped", "length(uplink)", "unmapped_bytes", UNMAPPED_KEPT),
         ):
             newest = db.execute(f"SELECT max(id) FROM {table}").fetchone()[0]
@@ -1321,14 +1332,26 @@ class Buffer:
         for key, d in devices.items():
             db.execute(
                 "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
-                " log_events, last_log, foreign_tenant) VALUES (?,?,?,?,?,?,?,?,?)"
+                " log_events, last_log, foreign_tenant, note) VALUES (?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(device) DO UPDATE SET sensor_id=coalesce(excluded.sensor_id, sensor_id),"
                 " last_seen_ms=max(coalesce(last_seen_ms,0), excluded.last_seen_ms),"
                 " uplinks=uplinks+excluded.uplinks, readings=readings+excluded.readings,"
                 " dead_letters=dead_letters+excluded.dead_letters, log_events=log_events+excluded.log_events,"
                 " last_log=coalesce(excluded.last_log, last_log),"
-                " foreign_tenant=foreign_tenant+excluded.foreign_tenant",
-                (key, d["sensor_id"], d["last"], d["up"], d["rd"], d["dl"], d["log"], d["lastlog"], d["ft"]),
+                " foreign_tenant=foreign_tenant+excluded.foreign_tenant,"
+                " note=CASE WHEN excluded.note = '' THEN NULL ELSE coalesce(excluded.note, note) END",
+                (
+                    key,
+                    d["sensor_id"],
+                    d["last"],
+                    d["up"],
+                    d["rd"],
+                    d["dl"],
+                    d["log"],
+                    d["lastlog"],
+                    d["ft"],
+                    d.get("note"),
+                ),
             )
         if devices:
             # Devices no map names (a neighbour's sensors, a typo'd dev_eui) come and go: keep
@@ -1339,6 +1362,16 @@ class Buffer:
                 (UNMAPPED_DEVICES_KEPT,),
             )
         self._device_stats = {}
+
+    def note_device(self, device: DeviceKey, sensor_id: str | None, note: str) -> None:
+        """Record what intake noticed about a device (shown by `status`); "" clears it.
+        Written with the next heartbeat, like the device counters."""
+        with self._lock:
+            d = self._device_stats.setdefault(
+                str(device),
+                {"sensor_id": sensor_id, "last": 0, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
+            )
+            d["note"] = note
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to a persistent counter (publish failures by reason code, ...)."""
@@ -1487,6 +1520,27 @@ class Buffer:
                 if size >= max_bytes:
                     break
         return page
+
+    def refused_uplinks(self, device: DeviceKey, after_id: int = 0, max_rows: int = 200) -> list[tuple[int, Uplink]]:
+        """One page of a device's dead letters that a codec refused, oldest first, with their
+        whole uplinks (to decode again once the device map changed)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, uplink FROM dead_letters WHERE device = ? AND id > ? AND uplink IS NOT NULL"
+                " ORDER BY id LIMIT ?",
+                (str(device), after_id, max_rows),
+            ).fetchall()
+        return [(r[0], _uplink_from_json(r[1])) for r in rows]
+
+    def forget_dead_letters(self, ids: Sequence[int]) -> None:
+        """Remove dead letters that decoded after all (their readings are stored)."""
+        with self._lock, self._tx():
+            for i in ids:
+                row = self._db.execute(f"SELECT {_DEAD_LETTER_SIZE} FROM dead_letters WHERE id = ?", (i,)).fetchone()
+                if row is not None:
+                    self._db.execute("DELETE FROM dead_letters WHERE id = ?", (i,))
+                    self._totals["dead_letter_bytes"] -= row[0]
+            self._save_totals()
 
     def forget_unmapped(self, ids: Sequence[int]) -> None:
         """Remove replayed uplinks from the unmapped store."""

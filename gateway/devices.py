@@ -110,7 +110,15 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
             payload=uplink.payload,
             received_ms=uplink.received_ms,
             sensor_id=entry.sensor_id,
+            uplink=uplink,
         )
+    unmatched: tuple[str, ...] = ()
+    produced: tuple[str, ...] = ()
+    if entry.metrics:
+        names = {r.metric for r in readings}
+        covered = names | {n.removesuffix("_min").removesuffix("_max") for n in names}
+        unmatched = tuple(key for key in entry.metrics if key not in covered)
+        produced = tuple(sorted(names)) if unmatched else ()
     readings = apply_overrides(readings, entry, codec.default_units)
     bad = next((r for r in readings if isinstance(r.value, float) and not math.isfinite(r.value)), None)
     if bad is not None:
@@ -122,6 +130,7 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
             payload=uplink.payload,
             received_ms=uplink.received_ms,
             sensor_id=entry.sensor_id,
+            uplink=uplink,
         )
     meta: dict[str, Any] = dict(entry.tags)
     meta.update(uplink.meta)  # what the network measured wins over a tag of the same name
@@ -134,4 +143,6 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         readings=tuple(readings),
         dedup_key=uplink.dedup_key,
         payload=uplink.payload,
+        unmatched_overrides=unmatched,
+        codec_metrics=produced,
     )

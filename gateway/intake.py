@@ -24,7 +24,7 @@ from gateway.buffer import Buffer, StoreResult, is_damage, is_storage_failure
 from gateway.config.devices import DeviceMap
 from gateway.devices import resolve
 from gateway.errors import BufferFullError, BufferLostError, DiskFullError, EventError
-from gateway.model import DeadLetter, DeviceKey, DeviceLog, ForeignTenant, Outcome, Unmapped
+from gateway.model import DeadLetter, DecodedUplink, DeviceKey, DeviceLog, ForeignTenant, Outcome, Unmapped
 from gateway.sources import Delivery, Parser
 from gateway.sources.events import Ignored
 
@@ -36,6 +36,9 @@ RETRY_S = 1.0
 #: many); after that only a summary line every SUMMARY_EVERY_S says how many more came.
 NAMED_IN_LOG = 1000
 SUMMARY_EVERY_S = 60.0
+#: A metric override that no decoded uplink of its device matched this many times in a row,
+#: since start or reload, is flagged (a typo such as CCl for CC1 would otherwise pass for ever).
+OVERRIDE_FLAG_AFTER = 20
 _WAKE = object()  # queued by stop(): end the commit window now
 _DEV_EUI_IN_TOPIC = re.compile(r"/device/([0-9a-fA-F]{16})/")
 
@@ -93,6 +96,10 @@ class Intake:
         self.died: BaseException | None = None
         self.on_died: Callable[[], None] = lambda: None
         self._named: set[str] = set()
+        self._hinted: set[str] = set()
+        #: (device, override key) -> decoded uplinks in a row that did not produce it; None
+        #: once it matched or was flagged (nothing more to watch).
+        self._override_misses: dict[tuple[DeviceKey, str], int | None] = {}
         self._unnamed = 0
         self._next_summary = time.monotonic() + SUMMARY_EVERY_S
 
@@ -276,6 +283,10 @@ class Intake:
         try:
             event = parser(delivery.topic, delivery.payload, delivery.received_ms)
         except EventError as exc:
+            if "this looks like" in str(exc) and delivery.source_name not in self._hinted:
+                # A site-wide setting, not one bad message: every event fails until it is fixed.
+                self._hinted.add(delivery.source_name)
+                log.error("events do not parse: encoding mismatch", source=delivery.source_name, reason=str(exc))
             return [self._dead_letter(delivery, str(exc))]
         if isinstance(event, Ignored):
             self.stats.ignored += 1
@@ -283,6 +294,8 @@ class Intake:
         if isinstance(event, DeviceLog):
             return [event]
         outcome = resolve(event, self.devices)
+        if isinstance(outcome, DecodedUplink) and outcome.unmatched_overrides:
+            self._watch_overrides(outcome)
         if isinstance(outcome, Unmapped):
             self._tell("uplink from a device in no map (kept for replay once mapped)", str(event.device))
         elif isinstance(outcome, ForeignTenant):
@@ -294,6 +307,36 @@ class Intake:
                 tenant=event.network_tenant,
             )
         return [outcome]
+
+    def _watch_overrides(self, uplink: DecodedUplink) -> None:
+        """Count the uplinks an override missed; flag it once, in the log and in `status`."""
+        mapped = self.devices.get(uplink.device)
+        if mapped is None:
+            return
+        for key in mapped.entry.metrics:
+            watch = (uplink.device, key)
+            misses = self._override_misses.get(watch, 0)
+            if misses is None:
+                continue
+            if key not in uplink.unmatched_overrides:
+                self._override_misses[watch] = None  # it matched: fine for good
+                continue
+            misses += 1
+            self._override_misses[watch] = misses
+            if misses >= OVERRIDE_FLAG_AFTER:
+                self._override_misses[watch] = None
+                seen = ", ".join(uplink.codec_metrics) or "none"
+                note = f"override {key} never matched; metrics seen: {seen}"
+                log.warning(
+                    "metric override never matched: check its name in the device map",
+                    device=str(uplink.device),
+                    sensor_id=uplink.sensor_id,
+                    override=key,
+                    metrics_seen=seen,
+                    where=mapped.where,
+                    uplinks=misses,
+                )
+                self.buffer.note_device(uplink.device, uplink.sensor_id, f"{note} ({mapped.where})")
 
     def _tell(self, what: str, device: str, **fields: object) -> None:
         """Log an unmapped or foreign device by name once; then only count it for the summary."""
@@ -326,6 +369,53 @@ class Intake:
             received_ms=delivery.received_ms,
             topic=delivery.topic,
         )
+
+    def use_devices(self, devices: DeviceMap) -> int:
+        """Take new device maps (a reload): overrides are watched afresh, and the dead letters
+        of every device whose entry changed are decoded again."""
+        old, self.devices = self.devices, devices
+        self._override_misses.clear()
+        changed = [
+            key for key, mapped in devices.by_key.items() if key in old.by_key and old.by_key[key].entry != mapped.entry
+        ]
+        for key in changed:
+            mapped = devices.by_key[key]
+            self.buffer.note_device(key, mapped.entry.sensor_id, "")  # a note about the old entry
+        return self.decode_dead_letters_again(changed) if changed else 0
+
+    def decode_dead_letters_again(self, devices: list[DeviceKey]) -> int:
+        """Decode again, page by page, the dead letters a codec refused for these devices; those
+        that decode now are stored as readings (their original times) and leave the dead-letter
+        store. Returns how many did."""
+        decoded = tried = 0
+        for device in devices:
+            after = 0
+            while page := self.buffer.refused_uplinks(device, after_id=after):
+                after = page[-1][0]
+                tried += len(page)
+                ok = [
+                    (row_id, o)
+                    for row_id, o in ((r, resolve(u, self.devices)) for r, u in page)
+                    if isinstance(o, DecodedUplink)
+                ]
+                if not ok:
+                    continue
+                try:
+                    result = self.buffer.store([o for _, o in ok])
+                except (BufferFullError, sqlite3.OperationalError) as exc:
+                    log.warning("dead letters not decoded again: buffer refuses them", reason=str(exc))
+                    return decoded
+                done = [row_id for row_id, _ in ok[: result.taken]]
+                self.buffer.forget_dead_letters(done)
+                decoded += len(done)
+        if tried:
+            log.debug(
+                "dead letters of changed devices decoded again",
+                decoded=decoded,
+                still_dead=tried - decoded,
+                devices=len(devices),
+            )
+        return decoded
 
     def replay_unmapped(self) -> int:
         """Store kept uplinks whose device a map now names, page by page (never the whole

@@ -71,6 +71,10 @@ class DecodedUplink:
     dedup_key: str | None = None
     #: The raw payload, kept in case the buffer must make the uplink a dead letter after all.
     payload: bytes = b""
+    #: The device map's metric overrides that no reading of this uplink matched, and then the
+    #: metric names the codec did produce (to flag an override that never matches: a typo).
+    unmatched_overrides: tuple[str, ...] = ()
+    codec_metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,8 @@ class DeadLetter:
     received_ms: int
     sensor_id: str | None = None
     topic: str | None = None
+    #: The uplink the codec refused, kept whole so a corrected device map can decode it again.
+    uplink: Uplink | None = None
 
 
 @dataclass(frozen=True, slots=True)

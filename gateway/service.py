@@ -221,11 +221,23 @@ class Service:
         for source in self.sources:
             source.start()
         # READY=1 means sources and buffer are up: wait for the subscriptions, but not forever,
-        # so a local broker that is down does not hold systemd's start-up (we reconnect later).
+        # so a local broker that is down does not hold systemd's start-up (we reconnect later),
+        # and not past a stop request (SIGTERM must stop a daemon that is still starting).
         deadline = time.monotonic() + SOURCES_READY_TIMEOUT_S
-        waiting = [src.name for src in self.sources if not src.wait_ready(max(0.0, deadline - time.monotonic()))]
+        waiting = list(self.sources)
+        log.debug("waiting for the local broker's subscriptions", sources=[src.name for src in waiting])
+        while waiting and not self._stop.is_set() and time.monotonic() < deadline:
+            waiting = [src for src in waiting if not src.wait_ready(0)]
+            if waiting:
+                self._stop.wait(0.05)
+        if self._stop.is_set():
+            log.info("stop requested while starting")
+            self._shutdown()
+            return
         if waiting:
-            log.warning("local broker not reachable yet; starting anyway and retrying", sources=waiting)
+            log.warning(
+                "local broker not reachable yet; starting anyway and retrying", sources=[src.name for src in waiting]
+            )
         depth = self.buffer.depth()
         log.info(
             "gateway started",
@@ -570,10 +582,15 @@ class Service:
             for problem in exc.problems:
                 log.error("device map rejected; keeping the running maps", problem=str(problem))
             return
-        self.intake.devices = devices
         self.config = Config(self.config.path, self.settings, devices)
-        log.info("device maps reloaded", devices=len(devices))
-        self.intake.replay_unmapped()
+        decoded = self.intake.use_devices(devices)
+        replayed = self.intake.replay_unmapped()
+        log.info(
+            "device maps reloaded",
+            devices=len(devices),
+            dead_letters_decoded_again=decoded,
+            unmapped_uplinks_replayed=replayed,
+        )
 
     def _status_line(self) -> str:
         depth = self.buffer.depth()

@@ -58,7 +58,7 @@ def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
     devices = list(
         db.query(
             "SELECT device, sensor_id, last_seen_ms, uplinks, readings, dead_letters, log_events, last_log,"
-            " foreign_tenant FROM devices ORDER BY device"
+            " foreign_tenant, note FROM devices ORDER BY device"
         )
     )
     unmapped = db["unmapped"].count
@@ -139,6 +139,8 @@ def format_status(report: dict[str, Any]) -> str:
                 extra.append(f"{dev['log_events']} log events (last: {dev['last_log']})")
             if dev["foreign_tenant"]:
                 extra.append(f"{dev['foreign_tenant']} from another tenant")
+            if dev.get("note"):
+                extra.append(dev["note"])
             lines.append(
                 f"  {dev['device']:<28} {dev['sensor_id'] or '(unmapped)':<24} "
                 f"last seen {_age(dev['last_seen_ms'], now)}" + (f"; {', '.join(extra)}" if extra else "")

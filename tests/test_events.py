@@ -103,7 +103,7 @@ def test_osm_fragments_of_one_second_are_distinct_but_redeliveries_are_not() -> 
 @pytest.mark.parametrize("encoding", ["json", "protobuf"])
 @pytest.mark.parametrize("snr", [float("nan"), float("inf"), float("-inf")])
 def test_a_non_finite_snr_is_left_out_of_meta(encoding: str, snr: float) -> None:
-    """"snr": "NaN" (or Infinity) is valid protobuf JSON and binary: the uplink parses and the
+    """ "snr": "NaN" (or Infinity) is valid protobuf JSON and binary: the uplink parses and the
     field is left out of its meta, so no non-finite number can reach the wire."""
     up = parse_chirpstack(topic(EUI), encode(uplink_event(EUI, b"\x02", snr=snr), encoding), 5, encoding)
     assert isinstance(up, Uplink) and "snr" not in up.meta and up.meta["rssi"] == -80
@@ -145,3 +145,23 @@ def test_a_4000_digit_integer_in_an_event_is_an_event_error_not_a_crash() -> Non
     document["fCnt"] = int("9" * 4000)
     with pytest.raises(EventError):
         parse_chirpstack(topic(EUI), json.dumps(document).encode(), 5, "json")
+
+
+@pytest.mark.parametrize(
+    ("sent", "configured", "hint"), [("protobuf", "json", "encoding: protobuf"), ("json", "protobuf", "encoding: json")]
+)
+def test_an_encoding_mismatch_says_which_encoding_to_set(sent: str, configured: str, hint: str) -> None:
+    """An event in the other encoding than the source's says so and names the setting to change,
+    instead of only the parser's words ("'utf-8' codec can't decode byte 0x83")."""
+    payload = encode(uplink_event(EUI, b"\x02abc"), sent)
+    with pytest.raises(
+        EventError, match=f"this looks like {'protobuf' if sent == 'protobuf' else 'JSON'}: set `{hint}`"
+    ):
+        parse_chirpstack(topic(EUI), payload, 5, configured)  # type: ignore[arg-type]
+
+
+def test_garbage_gets_no_encoding_hint() -> None:
+    """Bytes that are neither encoding get the parser's reason and no misleading hint."""
+    with pytest.raises(EventError) as raised:
+        parse_chirpstack(topic(EUI), b"\x83\x00garbage", 5, "json")
+    assert "looks like" not in str(raised.value)

@@ -271,3 +271,21 @@ def test_a_card_remounted_read_only_stops_the_daemon_loudly_and_acks_nothing_mor
     cloud_broker.start()
     daemon.start()
     wait_rows(reader, first | later, timeout=60)
+
+
+def test_sigterm_while_waiting_for_an_unreachable_local_broker_stops_within_5_s(
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """A stop request ends the start-up wait for the local broker at once: the daemon exits 0
+    within the 5 s the README promises and never logs "gateway started" after the signal."""
+    daemon = make_daemon(tmp_path, local_broker, cloud_broker, certs, daemons)
+    local_broker.stop()
+    daemon.launch()
+    daemon.wait_log("waiting for the local broker's subscriptions")
+    code, took = daemon.stop()
+    assert code == 0 and took < 5.0, (code, took, daemon.log_tail())
+    assert "gateway started" not in daemon.log_path.read_text()

@@ -96,10 +96,14 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
                 f"{kind} event nests deeper than protobuf's limit of 100 levels (ChirpStack's decoded "
                 "object is too deep to be an event ChirpStack itself could have sent)"
             ) from None
-        raise EventError(f"{kind} event does not parse as {encoding}: {_short(exc)}") from None
+        raise EventError(
+            f"{kind} event does not parse as {encoding}: {_short(exc)}{_encoding_hint(kind, payload, encoding)}"
+        ) from None
     dev_eui = message.device_info.dev_eui.lower()
     if not _DEV_EUI.fullmatch(dev_eui):
-        raise EventError(f"{kind} event has no valid deviceInfo.devEui ({dev_eui!r})")
+        raise EventError(
+            f"{kind} event has no valid deviceInfo.devEui ({dev_eui[:40]!r}){_encoding_hint(kind, payload, encoding)}"
+        )
     device = DeviceKey("dev_eui", dev_eui)
     if isinstance(message, integration_pb2.LogEvent):
         return DeviceLog(
@@ -174,6 +178,36 @@ def parse_osm(topic: str, payload: bytes, received_ms: int) -> Uplink:
         # The firmware splits a full measurement set into several messages, which may share a
         # UNIX second: the payload's digest keeps a second fragment from passing as a redelivery.
         dedup_key=f"{source}#{hashlib.sha256(payload).hexdigest()[:16]}",
+    )
+
+
+def _encoding_hint(kind: str, payload: bytes, encoding: str) -> str:
+    """"; this looks like protobuf: set ..." when the message is a well-formed event in the
+    other encoding: ChirpStack's `json` setting and the source's `encoding` disagree, and every
+    event of the site fails until they match."""
+    if encoding == "json":
+        other: Any = integration_pb2.UplinkEvent() if kind == "up" else integration_pb2.LogEvent()
+        try:
+            other.ParseFromString(payload)
+        except (ProtobufDecodeError, ValueError, RecursionError):
+            return ""
+        if not _DEV_EUI.fullmatch(other.device_info.dev_eui):
+            return ""
+        return (
+            "; this looks like protobuf: set `encoding: protobuf` on the chirpstack source "
+            "(or json=true in ChirpStack's [integration.mqtt])"
+        )
+    if payload.lstrip()[:1] != b"{":
+        return ""
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        return ""
+    if not isinstance(document, dict) or "deviceInfo" not in document:
+        return ""
+    return (
+        "; this looks like JSON: set `encoding: json` on the chirpstack source "
+        "(or json=false in ChirpStack's [integration.mqtt])"
     )
 
 

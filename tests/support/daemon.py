@@ -76,6 +76,12 @@ log: {{level: debug, format: json}}
 
     def start(self, timeout: float = 30.0) -> Daemon:
         """Start the daemon and wait for READY=1 on the notify socket."""
+        self.launch()
+        self.wait_notification("READY=1", timeout)
+        return self
+
+    def launch(self) -> Daemon:
+        """Start the daemon process without waiting for it to be ready."""
         self.notifications = []  # a new process: its READY=1 is still to come
         sock_path = self.workdir / f"notify-{time.monotonic_ns()}.sock"
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -90,7 +96,6 @@ log: {{level: debug, format: json}}
             cwd=self.workdir,
         )
         log.close()
-        self.wait_notification("READY=1", timeout)
         return self
 
     def wait_notification(self, wanted: str, timeout: float) -> None:
