@@ -70,7 +70,7 @@ DRAIN_RESERVE = 1024**2  # disk only the drain may use, so a full disk still dra
 COMPACT_ABOVE = 8 * 1024**2  # unbatched series text beyond this is packed into batches (`compact`)
 QUICK_CHECK_AT_OPEN_MAX = 64 * 1024**2  # larger files are checked after READY (`integrity_problems`)
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 8, 10, 14
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uplinks (
@@ -236,9 +236,8 @@ def lock_buffer(path: Path) -> int:
 def is_disk_full(exc: BaseException) -> bool:
     """True when SQLite could not write because the filesystem is full (SQLITE_FULL)."""
     code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.OperationalError) and (
-        (code is not None and code & 0xFF == 13) or "full" in str(exc).lower()
-    )
+    # By SQLite's code only: an error text that merely contains "full" is something else.
+    return isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF == _SQLITE_FULL
 
 
 def file_damage(path: Path) -> str | None:
@@ -745,7 +744,12 @@ class Buffer:
         `BufferFullError` when not even the first fits, and when SQLite reports the disk full;
         nothing of the group is then stored, so nothing may be acked.
         """
-        outcomes = list(outcomes)
+        # The whole store under the lock: the per-device counts it adds to must be the ones the
+        # next heartbeat writes (taken outside, a heartbeat in between dropped a group's counts).
+        with self._lock:
+            return self._store(list(outcomes))
+
+    def _store(self, outcomes: list[Outcome | DeviceLog]) -> StoreResult:
         if self.over_limit():
             raise BufferFullError(f"buffer full: it holds {self._total_bytes()} bytes, max_size {self.max_size}")
         result = StoreResult()
@@ -1416,9 +1420,15 @@ class Buffer:
         """Remember a drop for the next batch's `meta.gap`, and count it."""
         if not dropped.readings:
             return
-        self._gap.add(
-            dropped.readings, dropped.uplinks, dropped.from_ms or 0, dropped.to_ms or 0, ", ".join(dropped.reasons)
-        )
+        for i, reason in enumerate(dropped.reasons):  # each reason once, never "a, b" beside "a"
+            first = i == 0
+            self._gap.add(
+                dropped.readings if first else 0,
+                dropped.uplinks if first else 0,
+                dropped.from_ms or 0,
+                dropped.to_ms or 0,
+                reason,
+            )
         self._set_state("gap", json.dumps(self._gap.__dict__))
         self._count("dropped_readings", dropped.readings)
 

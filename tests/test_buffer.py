@@ -532,3 +532,55 @@ def test_an_integer_the_cloud_cannot_store_makes_its_uplink_a_dead_letter(tmp_pa
     assert (result.stored, result.dead_letters) == (1, 1)
     reason = sqlite3.connect(tmp_path / "b.db").execute("SELECT reason FROM dead_letters").fetchone()[0]
     assert "count is an integer of 39 digits" in reason
+
+
+def test_a_heartbeat_during_stores_loses_no_device_counts(tmp_path: Path) -> None:
+    """Heartbeats that write the per-device counts while another thread stores groups never drop
+    a group's counts: the table ends with every uplink counted once."""
+    import threading
+
+    b = make(tmp_path)
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.is_set():
+            b.heartbeat()
+
+    beater = threading.Thread(target=beat)
+    beater.start()
+    try:
+        for g in range(300):
+            b.store([uplink(g * 10 + i, readings=1) for i in range(10)])
+    finally:
+        done.set()
+        beater.join()
+    b.heartbeat()
+    counted = sqlite3.connect(tmp_path / "b.db").execute("SELECT uplinks FROM devices").fetchone()[0]
+    assert counted == 3000
+
+
+def test_a_gap_names_each_reason_once(tmp_path: Path) -> None:
+    """Drops for age and size, then for size again, give meta.gap the reasons "max_age" and
+    "max_size" once each, not "max_age, max_size" beside "max_size"."""
+    now = now_ms()
+    b = make(tmp_path, gzip=False)
+    b.store([uplink(i, readings=5, received_ms=now - 120_000) for i in range(3)])
+    b.store([uplink(100 + i, readings=5, received_ms=now) for i in range(30)])
+    b.close()
+    b = make(tmp_path, max_size=3_000, gzip=False, max_age_s=60.0)  # both bounds now exceeded
+    b.enforce_bounds(at_ms=now)
+    b.store([uplink(200 + i, readings=5, received_ms=now) for i in range(30)])  # max_size again
+    batch = b.take(live=True)
+    assert batch is not None
+    reasons = wire.decode_message(batch.payload)["meta"]["gap"]["reason"].split(", ")
+    assert sorted(reasons) == ["max_age", "max_size"]
+
+
+def test_disk_full_is_known_by_sqlites_code_not_by_the_word_full(tmp_path: Path) -> None:
+    """An error whose text merely contains "full" (a table named full_history) is not a full disk."""
+    from gateway.buffer import is_disk_full
+
+    db = sqlite3.connect(tmp_path / "x.db")
+    with pytest.raises(sqlite3.OperationalError) as raised:
+        db.execute("SELECT * FROM full_history")
+    assert not is_disk_full(raised.value)
