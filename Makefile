@@ -24,7 +24,7 @@ mosquitto:
 	  echo "installing mosquitto"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
 
-demo: venv
+demo: venv mosquitto
 	$(BIN)/hub-gateway demo
 
 lint: venv

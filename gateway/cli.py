@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import json
 import os
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -25,19 +26,23 @@ def _config_path(value: str | None) -> Path:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate gateway.yaml, every device map, the certificates and the buffer file.
 
-    The exit status counts only what stops `run` (it is systemd's ExecStartPre): a damaged buffer
-    is a warning, because `run` recovers from it by moving the file aside.
+    The exit status counts only what stops `run` (it is systemd's ExecStartPre): warnings (a
+    damaged buffer, which `run` recovers from by moving the file aside; an override of a metric
+    the codec is not known to give; a map file with no devices) are printed as `warning:` lines.
     """
-    from gateway.config import load_config
+    from gateway.config import examine_config
 
     path = _config_path(args.config)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem)
-        n = len(exc.problems)
-        print(f"{n} problem{'s' if n != 1 else ''} found in {path} and the files it names")
+    report = examine_config(path)
+    for problem in report.problems:
+        print(problem)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    config = report.config
+    if config is None:
+        n, w = len(report.problems), len(report.warnings)
+        warned = f" and {w} warning{'s' if w != 1 else ''}" if w else ""
+        print(f"{n} problem{'s' if n != 1 else ''}{warned} found in {path} and the files it names")
         return EXIT_PROBLEMS
     buffer_path = config.settings.buffer.path
     damage = buffer_problems(buffer_path)
@@ -95,13 +100,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    report = read_status(config.settings.buffer.path)
+    buffer_path = config.settings.buffer.path
+    try:
+        report = read_status(buffer_path)
+    except (sqlite3.DatabaseError, OSError) as exc:
+        # Damaged, cut short, or not a file: what an operator finds after an exit 3.
+        print(
+            f"hub-gateway: the buffer {buffer_path} cannot be read: {exc}\n"
+            "`hub-gateway check` says more; `run` moves a damaged buffer aside and starts a new one.",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    # Until the service installs its handlers, SIGHUP (a `systemctl reload` racing the start)
+    # must not end the process: the maps are being read fresh anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from gateway import log
     from gateway.config import load_config
     from gateway.service import Service
@@ -115,6 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"hub-gateway: not started: {len(exc.problems)} problem(s) in the configuration", file=sys.stderr)
         return EXIT_CONFIG
     log.configure(config.settings.log.level, config.settings.log.format)
+    for warning in config.warnings:
+        structlog.get_logger("gateway.config").warning("device map or config: likely mistake", problem=str(warning))
     # A fatal signal (SIGBUS from a file mapped on a card that went away, SIGSEGV) still leaves
     # a traceback in the journal instead of a silent death.
     faulthandler.enable()
@@ -139,38 +159,141 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the full pipeline against the built-in simulated site."""
+    """Run the full pipeline against the built-in simulated site, through its own Mosquitto if
+    one is installed."""
     from gateway.demo import run_demo
+    from gateway.demo_broker import find_mosquitto
 
-    return run_demo(minutes=args.minutes, out=Path(args.out))
+    return run_demo(minutes=args.minutes, out=Path(args.out), mosquitto=find_mosquitto())
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when it runs from a source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("hub-gateway")
+    except PackageNotFoundError:
+        import gateway
+
+        return getattr(gateway, "__version__", "unknown")
+
+
+_RUN_EPILOG = """\
+exit status:
+  0  stopped cleanly after SIGTERM or SIGINT
+  1  a worker thread died of an unexpected error (systemd restarts the daemon)
+  2  configuration error, or another daemon holds the buffer ("already running (pid N)")
+  3  the buffer file was found damaged, or deleted and written back (systemd restarts; the
+     new start moves a damaged file aside)
+  4  the buffer cannot be written: read-only filesystem or I/O errors (not restarted)
+
+signals:
+  SIGTERM, SIGINT  stop intake, flush what is committed, exit within 5 s
+  SIGHUP           reload the device maps (a map that fails validation is rejected and the
+                   running one kept; systemctl reload hub-gateway sends it)
+
+example:
+  hub-gateway run -c /etc/hub-gateway/gateway.yaml
+"""
+
+_CHECK_EPILOG = """\
+Prints each problem as FILE:LINE:COL: message, then warnings (lines starting "warning:"),
+then a summary. Warnings (an override of a metric the codec is not known to give, a map
+file with no devices, a buffer directory `run` will create, a damaged buffer `run` will move
+aside) do not fail the check.
+
+exit status:
+  0  no problems (warnings allowed)
+  1  problems: `run` would refuse this configuration
+
+examples:
+  hub-gateway check -c /etc/hub-gateway/gateway.yaml
+  sudo -u hub-gateway hub-gateway check   (as the daemon's user: the rights `run` will have)
+"""
+
+_STATUS_EPILOG = """\
+Reads the buffer file: works while `run` is running and while it is stopped.
+
+examples:
+  hub-gateway status -c /etc/hub-gateway/gateway.yaml
+  hub-gateway status --json | jq .backlog
+"""
+
+_SCHEMA_EPILOG = """\
+examples:
+  hub-gateway schema gateway > config/schema/gateway.schema.json
+  hub-gateway schema devices > config/schema/devices.schema.json
+"""
+
+_DEMO_EPILOG = """\
+example:
+  hub-gateway demo --minutes 2 --out ./demo-out
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hub-gateway",
         description="Factory gateway daemon: LoRaWAN/OSM readings from the local broker to AWS IoT Core.",
+        epilog="example:\n  hub-gateway check -c /etc/hub-gateway/gateway.yaml\n"
+        "  hub-gateway COMMAND --help   (each command's options, exit status and examples)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"hub-gateway {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"gateway.yaml (default: $HUB_GATEWAY_CONFIG, then {DEFAULT_CONFIG})"
+    raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p = sub.add_parser(
+        "run",
+        help="run the daemon in the foreground",
+        description="Run the daemon in the foreground (systemd starts it as a Type=notify service).",
+        epilog=_RUN_EPILOG,
+        formatter_class=raw,
+    )
     p.add_argument("-c", "--config", help=config_help)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="validate config, device maps and certificates")
+    p = sub.add_parser(
+        "check",
+        help="validate config, device maps and certificates",
+        description="Validate gateway.yaml, every device map, the certificates and keys, and the buffer file.",
+        epilog=_CHECK_EPILOG,
+        formatter_class=raw,
+    )
     p.add_argument("-c", "--config", help=config_help)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("status", help="backlog, last publish, dead letters, devices")
+    p = sub.add_parser(
+        "status",
+        help="backlog, last publish, dead letters, devices",
+        description="Show the backlog, the last publish, dead letters and every device's last uplink.",
+        epilog=_STATUS_EPILOG,
+        formatter_class=raw,
+    )
     p.add_argument("-c", "--config", help=config_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of gateway.yaml and device maps")
+    p = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of gateway.yaml and device maps",
+        description="Print the JSON Schema of gateway.yaml, of device maps, or both (for editors).",
+        epilog=_SCHEMA_EPILOG,
+        formatter_class=raw,
+    )
     p.add_argument("which", nargs="?", choices=["all", "gateway", "devices"], default="all")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("demo", help="run the pipeline against a built-in simulated site")
+    p = sub.add_parser(
+        "demo",
+        help="run the pipeline against a built-in simulated site",
+        description="Run the full pipeline against a built-in simulated site, publishing to a directory.",
+        epilog=_DEMO_EPILOG,
+        formatter_class=raw,
+    )
     p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (default: Ctrl-C)")
     p.add_argument("--out", default="./demo-out", help="where batches and the buffer go (default ./demo-out)")
     p.set_defaults(func=cmd_demo)
@@ -190,5 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         # cannot fail again, and exit quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PROBLEMS
+    except OSError as exc:  # stdout on a full disk (`> /dev/full`), a vanished terminal
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        print(f"hub-gateway: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_PROBLEMS
     return code

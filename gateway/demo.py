@@ -1,197 +1,276 @@
 """`hub-gateway demo`: the real pipeline fed by a simulated factory site.
 
-The site: 45 machine-utilisation sensors (OSM current clamps, one `osm-v2` uplink a second
-each) and 15 OSM air-quality units (averaged temperature, humidity, particulates, light and
-sound every 30 s). Their uplinks are ChirpStack v4 JSON events built with chirpstack-api's own
-message types, handed to the same intake, codecs, buffer and batching as `run`, and published
-to a `directory` cloud: one `hub.readings.v1` file per batch.
+When Mosquitto is installed the demo starts its own on a free loopback port
+(`gateway.demo_broker`); the site (`gateway.demo_site`) publishes ChirpStack v4 JSON events and
+OSM JSON to it, and the daemon's own chirpstack and osm-mqtt sources subscribe, as on a
+gateway. Without Mosquitto the site's messages go straight to the intake. Either way they are
+parsed, mapped (the device map renames, scales and labels metrics), decoded, committed to the
+buffer, batched and published to a `directory` cloud: one `hub.readings.v1` file per batch.
 """
 
 from __future__ import annotations
 
-import math
-import random
-import struct
+import json
+import shlex
+import signal
+import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
 
-from chirpstack_api.integration import integration_pb2
-from google.protobuf import json_format
-
-from gateway import log
-from gateway.buffer import now_ms
+from gateway import log, wire
 from gateway.config import Config
 from gateway.config.devices import DeviceMap, MappedDevice, _entry_model
 from gateway.config.settings import Settings
-from gateway.model import DeviceKey
-from gateway.sources import Delivery, parser_for
+from gateway.demo_broker import BrokerError, DemoBroker, SitePublisher
+from gateway.demo_site import (
+    AIR_QUALITY_PERIOD_S,
+    AIR_QUALITY_SENSORS,
+    UTILISATION_SENSORS,
+    SimulatedSite,
+)
+from gateway.errors import BufferBusyError
+from gateway.service import Service
+from gateway.sources import Delivery, parser_for, source_name
 
-UTILISATION_SENSORS = 45
-AIR_QUALITY_SENSORS = 15
-AIR_QUALITY_PERIOD_S = 30
-SOURCE = "chirpstack-sim"
+#: How many of the 15 air-quality units are OSM Wi-Fi units publishing JSON.
+WIFI_UNITS = 5
+PROGRESS_EVERY_S = 1.0
+#: The device map's `metrics` for each kind of unit: names, units and scales for the cloud.
+CLAMP_METRICS = {"CC1": {"name": "current", "scale": 0.001, "unit": "A"}}  # the clamps report mA
+AIR_QUALITY_METRICS = {
+    "TEMP": {"name": "temperature", "unit": "degC"},  # also TEMP_min, TEMP_max
+    "HUMI": {"name": "humidity", "unit": "%RH"},
+    "PM25": {"name": "pm2_5", "unit": "ug/m3"},
+    "PM10": {"name": "pm10", "unit": "ug/m3"},
+    "LGHT": {"name": "illuminance", "unit": "lx"},
+    "SND": {"name": "sound_level", "unit": "dBA"},
+}
+#: Progress columns (title, width): 64 characters in all, for an 80-column console.
+_COLUMNS = (
+    ("elapsed", 8),
+    ("uplinks", 10),
+    ("readings", 10),
+    ("batches out", 13),
+    ("waiting", 9),
+    ("dead letters", 14),
+)
+PROGRESS_HEADER = "".join(f"{name:>{width}}" for name, width in _COLUMNS)
 
-
-def _value(v: float | int) -> bytes:
-    """One osm-v2 value: whole numbers as the smallest unsigned type, others as thousandths."""
-    if isinstance(v, int) and 0 < v < 2**16:
-        return b"\x02" + struct.pack("<H", v) if v > 0xFF else b"\x01" + struct.pack("<B", v)
-    return b"\x15" + struct.pack("<i", int(v * 1000))
-
-
-def _record(name: str, *values: float | int) -> bytes:
-    kind = b"\x01" if len(values) == 1 else b"\x02"
-    return name.encode().ljust(4, b"\x00") + kind + b"".join(_value(v) for v in values)
-
-
-class SimulatedSite:
-    """A thread publishing the site's uplinks as ChirpStack JSON events, in real time."""
-
-    name = SOURCE
-
-    def __init__(self, deliver: Callable[[Delivery], None], seed: int = 7) -> None:
-        self._deliver = deliver
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="simulated-site", daemon=True)
-        self._rng = random.Random(seed)
-        self._f_cnt: dict[str, int] = {}
-        self.app_id = str(uuid.UUID(int=self._rng.getrandbits(128)))
-
-    @staticmethod
-    def devices() -> list[tuple[str, str, str]]:
-        """(dev_eui, sensor_id, kind) of every simulated device."""
-        out = [(f"70b3d57ed001{i:04x}", f"machine-{i + 1:02d}-clamp", "util") for i in range(UTILISATION_SENSORS)]
-        out += [(f"70b3d57ed002{i:04x}", f"air-{i + 1:02d}", "aq") for i in range(AIR_QUALITY_SENSORS)]
-        return out
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-
-    def wait_ready(self, timeout_s: float) -> bool:
-        return True
-
-    def _event(self, dev_eui: str, payload: bytes) -> tuple[str, bytes]:
-        ev = integration_pb2.UplinkEvent(deduplication_id=str(uuid.UUID(int=self._rng.getrandbits(128))))
-        ev.time.FromMilliseconds(now_ms())
-        ev.device_info.dev_eui = dev_eui
-        ev.device_info.application_id = self.app_id
-        ev.device_info.tenant_id = "52f14cd4-c6f1-4fbd-8f87-4025e1d49242"
-        self._f_cnt[dev_eui] = self._f_cnt.get(dev_eui, 0) + 1
-        ev.f_cnt = self._f_cnt[dev_eui]
-        ev.f_port = 1
-        ev.data = payload
-        rx = ev.rx_info.add()
-        rx.gateway_id = "0016c001ff10a235"
-        rx.rssi = self._rng.randint(-110, -60)
-        rx.snr = round(self._rng.uniform(-5, 10), 1)
-        topic = f"application/{self.app_id}/device/{dev_eui}/event/up"
-        return topic, json_format.MessageToJson(ev, indent=None).encode()
-
-    def _run(self) -> None:
-        devices = self.devices()
-        tick = 0
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            t = time.time()
-            for i, (dev_eui, _, kind) in enumerate(devices):
-                if kind == "util":
-                    running = math.sin(t / 60 + i) > -0.3
-                    current = int(self._rng.gauss(12000 if running else 150, 400 if running else 30))
-                    payload = b"\x02" + _record("CC1", max(1, current))
-                elif (tick + i) % AIR_QUALITY_PERIOD_S == 0:
-                    temp = 19 + 3 * math.sin(t / 3600 + i)
-                    payload = b"\x02" + b"".join(
-                        (
-                            _record("TEMP", round(temp, 3), round(temp - 0.4, 3), round(temp + 0.3, 3)),
-                            _record("HUMI", round(45 + self._rng.uniform(-3, 3), 3)),
-                            _record("PM25", self._rng.randint(3, 40)),
-                            _record("PM10", self._rng.randint(5, 60)),
-                            _record("LGHT", self._rng.randint(200, 900)),
-                            _record("SND", round(self._rng.uniform(60, 85), 3)),
-                        )
-                    )
-                else:
-                    continue
-                topic, body = self._event(dev_eui, payload)
-                self._deliver(Delivery(SOURCE, topic, body, now_ms(), lambda: None))
-            tick += 1
-            next_at += 1.0
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
+__all__ = ["SimulatedSite", "demo_config", "progress_row", "run_demo"]
 
 
-def demo_config(out: Path) -> Config:
-    """A gateway.yaml equivalent for the demo: directory cloud and buffer under `out`."""
+def demo_config(out: Path, broker: DemoBroker | None = None) -> Config:
+    """A gateway.yaml equivalent for the demo: its broker, directory cloud and buffer under `out`."""
+    where = {"host": broker.host, "port": broker.port} if broker is not None else {}
     settings = Settings.model_validate(
         {
             "gateway": {"id": "gw-demo-01", "tenant_id": "demo", "site_id": "sim"},
-            "sources": [{"kind": "chirpstack", "encoding": "json"}],
+            "sources": [
+                {"kind": "chirpstack", "encoding": "json", "broker": where},
+                {"kind": "osm-mqtt", "broker": where},
+            ],
             "cloud": {"kind": "directory", "directory": str(out / "outbox")},
             "buffer": {"path": str(out / "buffer.db")},
             "batch": {"max_delay": "5s", "max_bytes": "120KiB", "compression": "gzip"},
             "log": {"level": "warning", "format": "console"},
         }
     )
-    model = _entry_model("osm-v2")
     by_key = {}
-    for n, (dev_eui, sensor_id, kind) in enumerate(SimulatedSite.devices()):
-        fields: dict[str, object] = {"dev_eui": dev_eui, "sensor_id": sensor_id, "codec": "osm-v2"}
-        if kind == "util":
-            fields["metrics"] = {"CC1": {"name": "current", "scale": 0.001, "unit": "A"}}
-            fields["tags"] = {"machine": sensor_id.removesuffix("-clamp")}
-        entry = model.model_validate(fields)
-        by_key[DeviceKey("dev_eui", dev_eui)] = MappedDevice(entry, "<demo>", n + 1, 1)
+    for n, device in enumerate(SimulatedSite.devices(WIFI_UNITS)):
+        fields: dict[str, object] = {"sensor_id": device.sensor_id}
+        if device.kind == "air-wifi":
+            fields |= {"osm_id": device.device_id, "codec": "osm-json", "metrics": AIR_QUALITY_METRICS}
+        else:
+            fields |= {"dev_eui": device.device_id, "codec": "osm-v2"}
+            if device.kind == "clamp":
+                fields |= {"metrics": CLAMP_METRICS, "tags": {"machine": device.sensor_id.removesuffix("-clamp")}}
+            else:
+                fields["metrics"] = AIR_QUALITY_METRICS
+        entry = _entry_model(str(fields["codec"])).model_validate(fields)
+        by_key[entry.key] = MappedDevice(entry, "<demo>", n + 1, 1)
     return Config(path=out / "gateway.yaml", settings=settings, devices=DeviceMap(by_key))
 
 
-def run_demo(minutes: float | None, out: Path) -> int:
-    """Run until `minutes` pass or Ctrl-C; print a live progress line."""
-    from gateway.service import Service
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
-    out.mkdir(parents=True, exist_ok=True)
-    config = demo_config(out)
-    log.configure(config.settings.log.level, config.settings.log.format)
-    service = Service(config, sources=[])
-    site = SimulatedSite(service.intake.deliver)
-    service.sources.append(site)
-    service.intake.add_parser(SOURCE, parser_for(config.settings.sources[0]))
-    service.install_signal_handlers()
-    started = time.monotonic()
-    outbox = out / "outbox"
-    print(
-        f"hub-gateway demo: {UTILISATION_SENSORS} utilisation sensors at 1 Hz, {AIR_QUALITY_SENSORS} air-quality "
-        f"sensors every {AIR_QUALITY_PERIOD_S}s -> {outbox}  (Ctrl-C to stop)"
+
+def progress_row(elapsed_s: float, uplinks: int, readings: int, batches: int, waiting: int, dead: int) -> str:
+    """One progress row, in the columns of `PROGRESS_HEADER` (64 characters for any demo's numbers)."""
+    values = (_clock(elapsed_s), uplinks, readings, batches, waiting, dead)
+    return "".join(f"{value:>{width}}" for value, (_, width) in zip(values, _COLUMNS, strict=True))
+
+
+class ProgressLines:
+    """Live progress: on a terminal one row rewritten in place, elsewhere a line per update."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._rows = 0
+
+    def show(self, row: str) -> None:
+        """Print the header before the first row, then the row."""
+        if self._rows == 0:
+            self._stream.write(PROGRESS_HEADER + "\n")
+        self._stream.write(f"\r{row}" if self._tty else f"{row}\n")
+        self._stream.flush()
+        self._rows += 1
+
+    def end(self) -> None:
+        """Leave the terminal's last row in place."""
+        if self._tty and self._rows:
+            self._stream.write("\n")
+        self._stream.flush()
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _series_text(series: dict[str, Any]) -> str:
+    """A series as indented JSON, short values kept on one line."""
+    lines = []
+    for key, value in series.items():
+        text = json.dumps(value, ensure_ascii=False)
+        if isinstance(value, dict) and len(text) > 60:
+            inner = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in value.items())
+            text = "{\n" + inner + "\n  }"
+        lines.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}"
+
+
+def _summary(outbox: Path, stream: TextIO) -> None:
+    """What was written, one series as the cloud gets it, and how to look at a whole batch."""
+    files = sorted(outbox.glob("*.json.gz"))
+    if not files:
+        stream.write(f"no batch files in {outbox} yet: the first is written after 5 s\n")
+        return
+    stream.write(f"{_count(len(files), 'batch file', 'batch files')} in {outbox}\n")
+    first = files[0]
+    series = wire.decode_message(first.read_bytes()).get("series") or []
+    if series:
+        example = next((s for s in series if s.get("metric") == "temperature"), series[0])
+        stream.write(f"one series of {first.name}, as the cloud receives it:\n{_series_text(example)}\n")
+    stream.write(f"the whole batch:\n  zcat {shlex.quote(str(first))} | python3 -m json.tool | head -40\n")
+
+
+def _start_broker(mosquitto: str | None, stream: TextIO) -> tuple[DemoBroker, SitePublisher] | None:
+    """The demo's own Mosquitto and the site's client on it; None (and why) to feed the intake."""
+    if mosquitto is None:
+        stream.write("mosquitto not found: feeding intake directly\n")
+        return None
+    broker = DemoBroker(mosquitto)
+    try:
+        broker.start()
+        publisher = SitePublisher(broker)
+        publisher.start()
+    except (BrokerError, OSError, subprocess.SubprocessError) as exc:
+        broker.stop()
+        stream.write(f"mosquitto did not start ({str(exc)[:200]}): feeding intake directly\n")
+        return None
+    stream.write(f"local broker: its own Mosquitto (pid {broker.pid}) on {broker.host}:{broker.port}\n")
+    return broker, publisher
+
+
+def run_demo(minutes: float | None, out: Path, mosquitto: str | None, stream: TextIO = sys.stdout) -> int:
+    """Run until `minutes` pass or Ctrl-C, through its own Mosquitto when `mosquitto` names one."""
+    # Until the service's own handlers are in place, Ctrl-C and SIGTERM only note that they came.
+    early_stop = threading.Event()
+
+    def on_early_stop(signum: int, frame: FrameType | None) -> None:
+        early_stop.set()
+
+    signal.signal(signal.SIGINT, on_early_stop)
+    signal.signal(signal.SIGTERM, on_early_stop)
+    stream.write(
+        f"hub-gateway demo: {UTILISATION_SENSORS} current clamps (LoRaWAN, 1 Hz) and "
+        f"{AIR_QUALITY_SENSORS} air-quality units\n({AIR_QUALITY_SENSORS - WIFI_UNITS} LoRaWAN, "
+        f"{WIFI_UNITS} Wi-Fi, every {AIR_QUALITY_PERIOD_S} s) through the real pipeline\n"
     )
-    last_print = [0.0]
+    stream.flush()
+    local = _start_broker(mosquitto, stream)
+    try:
+        return _run_site(minutes, out, local, early_stop, stream)
+    finally:
+        if local is not None:
+            broker, publisher = local
+            publisher.stop()
+            broker.stop()
+        stream.flush()
+
+
+def _run_site(
+    minutes: float | None,
+    out: Path,
+    local: tuple[DemoBroker, SitePublisher] | None,
+    early_stop: threading.Event,
+    stream: TextIO,
+) -> int:
+    """The daemon with the site feeding it, until stopped; then what it wrote."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = demo_config(out, local[0] if local is not None else None)
+    log.configure(config.settings.log.level, config.settings.log.format)
+    try:
+        # Through the broker the daemon builds its real sources; directly, none, and each of
+        # the site's messages is parsed as the source it names would parse it.
+        service = Service(config) if local is not None else Service(config, sources=[])
+    except BufferBusyError as exc:
+        stream.write(f"hub-gateway demo: {exc}\n")
+        return 2
+    deliver: Callable[[Delivery], None]
+    if local is not None:
+        deliver = local[1].send
+    else:
+        for i, source in enumerate(config.settings.sources):
+            service.intake.add_parser(source_name(config.settings, i), parser_for(source), source.max_message_size)
+        deliver = service.intake.deliver
+    site = SimulatedSite(deliver, wifi_units=WIFI_UNITS)
+    stream.write(f"batches: {out / 'outbox'}  (Ctrl-C to stop)\n")
+    service.install_signal_handlers()
+    if early_stop.is_set():
+        service.request_stop()
+    lines = ProgressLines(stream)
+    started: float | None = None
+    rows = 0
 
     def progress(svc: Service) -> None:
+        # Called from the main loop, so only once the sources are subscribed: the site starts
+        # then, and nothing it publishes goes to a broker with no subscriber yet.
+        nonlocal started, rows
         now = time.monotonic()
-        if minutes is not None and now - started >= minutes * 60:
-            svc.request_stop()
-        if now - last_print[0] < 1.0:
+        if started is None:
+            started = now
+            site.start()
             return
-        last_print[0] = now
-        stats = svc.intake.stats
-        depth = svc.buffer.depth()
-        line = (
-            f"\r{now - started:6.0f}s  uplinks {stats.uplinks:>7}  readings {stats.readings:>8}  "
-            f"batches out {svc.published_batches:>5}  waiting {depth.total_readings:>6} readings  "
-            f"dead letters {stats.dead_letters}"
-        )
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        elapsed = now - started
+        if elapsed >= PROGRESS_EVERY_S * (rows + 1):  # on a fixed grid: no drift, no skipped second
+            rows = int(elapsed // PROGRESS_EVERY_S)
+            stats = svc.intake.stats
+            waiting = svc.buffer.depth().total_readings
+            lines.show(
+                progress_row(elapsed, stats.uplinks, stats.readings, svc.published_batches, waiting, stats.dead_letters)
+            )
+        if minutes is not None and elapsed >= minutes * 60:
+            svc.request_stop()
 
-    service.run(progress=progress)
-    files = sorted(outbox.glob("*.json*"))
-    print(
-        f"\nstopped: {len(files)} batch files in {outbox}; inspect one with: "
-        f"zcat {files[-1] if files else '<file>'} | head -c 600"
+    try:
+        service.run(progress=progress)
+    finally:
+        site.stop()
+        lines.end()
+    stats = service.intake.stats
+    ran = _clock(time.monotonic() - started) if started is not None else "0:00"
+    stream.write(
+        f"stopped after {ran}: {stats.uplinks} uplinks, {stats.readings} readings, "
+        f"{_count(service.published_batches, 'batch', 'batches')} out\n"
     )
-    return 0
+    _summary(out / "outbox", stream)
+    return service.exit_code

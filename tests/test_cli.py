@@ -1,7 +1,9 @@
-"""The command line as a field engineer uses it: demo, status on a stopped daemon, schema."""
+"""The command line as a field engineer uses it: status on a stopped daemon or a damaged buffer,
+schema, --version and each command's help (the demo has tests/test_demo.py)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -10,35 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway import wire
 from gateway.buffer import Buffer, mark_damaged, now_ms
 from gateway.cli import main
 from gateway.model import DeadLetter, DecodedUplink, DeviceKey, Reading
 from tests.support.site import directory_site
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.mark.integration
-def test_demo_runs_the_simulated_site_into_batch_files(tmp_path: Path) -> None:
-    """`hub-gateway demo --minutes` publishes the 60 simulated sensors as hub.readings.v1 files and exits 0."""
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "demo", "--minutes", "0.12", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert out.returncode == 0, out.stderr
-    files = sorted((tmp_path / "outbox").glob("*.json.gz"))
-    assert files, out.stdout
-    sensors = set()
-    for f in files:
-        for row in wire.expand_rows(wire.decode_message(f.read_bytes())):
-            sensors.add(row["sensor_id"])
-    assert {f"machine-{i:02d}-clamp" for i in range(1, 46)} <= sensors  # every 1 Hz sensor
-    assert any(s.startswith("air-") for s in sensors)  # air sensors report staggered over 30 s
-    assert "batch files" in out.stdout
 
 
 def test_status_reads_a_stopped_daemons_buffer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,6 +56,14 @@ def test_schema_prints_both_schemas(capsys: pytest.CaptureFixture[str]) -> None:
     assert schemas["gateway"]["additionalProperties"] is False
 
 
+def checked_site(where: Path) -> Path:
+    """`directory_site` with one device in its map, so `check` has no warning of its own to print."""
+    cfg = directory_site(where)
+    device = "  - dev_eui: 70b3d57ed0001234\n    sensor_id: s\n    codec: osm-v2\n"
+    (where / "devices" / "a.yaml").write_text("devices:\n" + device)
+    return cfg
+
+
 def _fill(path: Path) -> None:
     dev = DeviceKey("dev_eui", "70b3d57ed0001234")
     b = Buffer(path, "gw-t-01", "acme", "leeds")
@@ -97,7 +84,7 @@ def test_check_reports_buffer_damage_as_a_warning_and_exits_0(
 ) -> None:
     """`check` passes a sound buffer; for a damaged one it prints what SQLite found as warnings that
     say `run` will move the file aside, and still exits 0 (systemd's ExecStartPre must not block that)."""
-    cfg = directory_site(tmp_path)
+    cfg = checked_site(tmp_path)
     _fill(tmp_path / "buffer.db")
     assert main(["check", "-c", str(cfg)]) == 0
     assert "passes PRAGMA integrity_check" in capsys.readouterr().out
@@ -116,7 +103,7 @@ def test_check_reports_buffer_damage_as_a_warning_and_exits_0(
 
 def test_check_warns_about_the_damage_marker_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The buffer.db.damaged marker a daemon left before exiting 3 is a warning in `check`, not a failure."""
-    cfg = directory_site(tmp_path)
+    cfg = checked_site(tmp_path)
     _fill(tmp_path / "buffer.db")
     mark_damaged(tmp_path / "buffer.db", "database disk image is malformed")
     assert main(["check", "-c", str(cfg)]) == 0
@@ -164,3 +151,91 @@ def test_status_says_loudly_that_a_damaged_buffer_was_moved_aside(
     assert main(["status", "-c", str(cfg)]) == 0
     text = capsys.readouterr().out
     assert "DAMAGED BUFFER moved aside" in text and "buffer.db.corrupt-" in text and "not an SQLite database" in text
+
+
+def help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hub-gateway --version` prints the installed distribution's version and exits 0."""
+    assert help_of(["--version"], capsys) == f"hub-gateway {importlib.metadata.version('hub-gateway')}\n"
+
+
+def test_version_falls_back_to_the_package_attribute(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from a source tree (no distribution metadata), --version prints gateway.__version__."""
+    import gateway
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    monkeypatch.setattr(gateway, "__version__", "9.8.7", raising=False)
+    assert help_of(["--version"], capsys) == "hub-gateway 9.8.7\n"
+
+
+def test_run_help_lists_exit_codes_and_signals(capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --help` says what each exit status 0-4 means (which ones systemd restarts) and what
+    SIGTERM/SIGINT and SIGHUP do."""
+    text = help_of(["run", "--help"], capsys)
+    lines = [line.strip() for line in text.splitlines()]
+    assert "0  stopped cleanly after SIGTERM or SIGINT" in lines
+    assert "1  a worker thread died of an unexpected error (systemd restarts the daemon)" in lines
+    assert any(line.startswith("2  configuration error, or another daemon holds the buffer") for line in lines)
+    assert any(line.startswith("3  the buffer file was found damaged, or deleted and written back") for line in lines)
+    assert any(line.startswith("4  the buffer cannot be written") and "(not restarted)" in line for line in lines)
+    assert "SIGTERM, SIGINT  stop intake, flush what is committed, exit within 5 s" in lines
+    assert any(line.startswith("SIGHUP           reload the device maps") for line in lines)
+
+
+@pytest.mark.parametrize("command", ["run", "check", "status", "schema", "demo"])
+def test_every_command_help_has_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command's --help ends with an example of the command itself, laid out as written."""
+    text = help_of([command, "--help"], capsys)
+    example = text.split("\nexample:\n" if "\nexample:\n" in text else "\nexamples:\n")[1]
+    assert example.splitlines()[0].startswith(f"  hub-gateway {command}")
+
+
+def _cli(*argv: str, stdout: object = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *argv],
+        stdout=stdout,  # type: ignore[arg-type]
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
+
+@pytest.mark.parametrize("damage", ["garbage", "page-1", "directory"])
+def test_status_on_an_unreadable_buffer_says_so_without_a_traceback(tmp_path: Path, damage: str) -> None:
+    """`status` on a buffer that is not SQLite, has a broken page 1, or is a directory (what an
+    operator may meet after an exit 3) prints what is wrong and what to do, exit 1, no traceback."""
+    cfg = directory_site(tmp_path)
+    path = tmp_path / "buffer.db"
+    if damage == "directory":
+        path.mkdir()
+    else:
+        _fill(path)
+        with path.open("r+b") as f:
+            f.seek(0 if damage == "garbage" else 100)
+            f.write(b"\x07" * 64)
+    out = _cli("status", "-c", str(cfg))
+    assert out.returncode == 1
+    assert "cannot be read" in out.stderr and "hub-gateway check" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_output_to_a_full_disk_is_an_error_line_not_a_traceback(tmp_path: Path) -> None:
+    """`hub-gateway schema > /dev/full`: one line saying the output cannot be written, exit 1."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        out = _cli("schema", stdout=full)
+    assert out.returncode == 1
+    assert "cannot write the output" in out.stderr and "Traceback" not in out.stderr

@@ -25,7 +25,9 @@ IDENTITY = "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
 def iot_core_site(tmp_path: Path, ca: Path, cert: Path, key: Path, sources: str = "[{kind: chirpstack}]") -> Path:
     """A gateway.yaml with an iot-core cloud naming these files; `cloud.key` is on line 9, column 8."""
     (tmp_path / "devices").mkdir(exist_ok=True)
-    (tmp_path / "devices" / "a.yaml").write_text("devices: []\n")
+    (tmp_path / "devices" / "a.yaml").write_text(
+        "devices:\n  - dev_eui: 70b3d57ed0001234\n    sensor_id: s\n    codec: osm-v2\n"
+    )
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(
         IDENTITY + f"sources: {sources}\n"
@@ -260,7 +262,8 @@ def test_tags_must_be_finite_bounded_and_well_named(tmp_path: Path) -> None:
         f"{path}:9:15: devices.0.tags.serial: integer tag is too large: the cloud stores at most 38 digits "
         "(NUMBER(38))",
         f"{path}:10:13: devices.0.tags.note: tag value is 257 characters long; at most 256 are allowed",
-        f"{path}:11:7: devices.0.tags: key 'bad key': tag names are 1-64 letters, digits, '_', '.', ':' or '-'",
+        f"{path}:11:7: devices.0.tags: key 'bad key': tag names are 1-64 ASCII letters (a-z, A-Z), digits, '_', "
+        "'.', ':' or '-'",
     ]
     good = device_map(
         tmp_path, f"    tags: {{machine: press-03, 'line.a:b-c_d': x, n: {10**38 - 1}, on: true, f: 1.5}}\n"
@@ -321,3 +324,37 @@ def test_an_osm_unit_cannot_name_a_chirpstack_tenant(tmp_path: Path) -> None:
                     f"    chirpstack_tenant_id: {TENANT}\n")
     (problem,) = map_problems(path)
     assert "chirpstack_tenant_id is for LoRaWAN devices (dev_eui)" in problem
+
+
+def test_nested_aliases_that_expand_to_billions_are_refused_at_once(tmp_path: Path) -> None:
+    """A device map of nine lines whose aliases expand to 10^8 values ("billion laughs") is a
+    problem at line 1 found at once, not minutes of validation that hold intake and SIGTERM."""
+    import time
+
+    from gateway.config import load_device_maps
+    from gateway.errors import ConfigError
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 10)}]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(levels) + "\ndevices: *h\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="expand to more than 200,000 values"):
+        load_device_maps([path])
+    assert time.monotonic() - started < 5
+
+
+def test_a_config_that_is_not_a_regular_file_or_is_huge_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check -c /dev/zero` answers at once ("not a regular file"), and a 5 MiB file is refused
+    by its size, never read whole."""
+    from gateway.cli import main
+
+    assert main(["check", "-c", "/dev/zero"]) == 1
+    assert "/dev/zero:1:1: not a regular file" in capsys.readouterr().out
+    big = tmp_path / "gateway.yaml"
+    big.write_text("# padding\n" * 600_000)
+    assert main(["check", "-c", str(big)]) == 1
+    assert "file is larger than 4 MiB" in capsys.readouterr().out

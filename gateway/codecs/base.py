@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,3 +45,7 @@ class Codec:
     decode: Callable[[bytes, DecodeContext], list[Reading]]
     #: Units by the metric name the codec produces, applied when it gives none.
     default_units: Mapping[str, str] | None = None
+    #: The metric names the codec gives for a device with these options (`NAME_min` and
+    #: `NAME_max` included where it gives them), so `check` can flag a device-map override
+    #: that matches none of them; None where the device decides (chirpstack-object).
+    metric_names: Callable[[CodecOptions], Collection[str]] | None = None

@@ -23,6 +23,7 @@ the myDevices resolutions: concentration is 125 and colour 135 (ElectronicCats' 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from gateway.codecs.base import Codec, CodecOptions, DecodeContext, DecodeError
 from gateway.model import Reading, Value
@@ -125,4 +126,19 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     return readings
 
 
-CODEC = Codec(name="cayenne-lpp", options=CayenneLppOptions, decode=decode)
+@cache
+def _all_metric_names() -> frozenset[str]:
+    return frozenset(
+        f"{kind.name}_{channel}{field.suffix}"
+        for kind in TYPES.values()
+        for channel in range(256)
+        for field in kind.fields
+    )
+
+
+def metric_names(options: CodecOptions) -> frozenset[str]:
+    """`<type>_<channel>[_<axis>]` for every type this codec decodes and every channel 0-255."""
+    return _all_metric_names()
+
+
+CODEC = Codec(name="cayenne-lpp", options=CayenneLppOptions, decode=decode, metric_names=metric_names)

@@ -8,7 +8,8 @@ decoded `object` of the uplink event.
 Every number, boolean or string leaf becomes a metric named by its dotted path: `{"a": {"b":
 1}}` gives `a.b`, list items are numbered, `{"t": [20, 21]}` gives `t.0` and `t.1`. Integers
 stay integers where the event's JSON had them; null leaves are skipped; an empty object gives
-no readings. Timestamp: the uplink's time.
+no readings. Timestamp: the uplink's time. The names depend on the device's own codec, so this
+codec has no `metric_names` and `check` cannot flag a mistyped `metrics` override.
 """
 
 from __future__ import annotations

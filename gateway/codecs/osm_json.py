@@ -22,7 +22,7 @@ import re
 from typing import Any, NoReturn
 
 from gateway.codecs.base import Codec, CodecOptions, DecodeContext, DecodeError
-from gateway.codecs.osm_units import OSM_UNITS
+from gateway.codecs.osm_units import OSM_METRICS, OSM_UNITS
 from gateway.model import Reading, Value
 
 #: 2020-01-01T00:00:00Z; a UNIX before it means the unit has no network time yet.
@@ -115,4 +115,11 @@ def _kind(value: Any, present: bool = True) -> str:
     return _KINDS.get(type(value), type(value).__name__)
 
 
-CODEC = Codec(name="osm-json", options=OsmJsonOptions, decode=decode, default_units=OSM_UNITS)
+def metric_names(options: CodecOptions) -> frozenset[str]:
+    """The names of the firmware's measurements (a unit may be set up to send others)."""
+    return OSM_METRICS
+
+
+CODEC = Codec(
+    name="osm-json", options=OsmJsonOptions, decode=decode, default_units=OSM_UNITS, metric_names=metric_names
+)

@@ -2,6 +2,9 @@
 
 From the firmware's measurement definitions (devtank-ltd/osm_firmware_v2); a device map's
 `metrics` entry overrides any of them. `_min`/`_max` metrics take the unit of their measurement.
+`OSM_METRICS` are the names the firmware gives (an averaged measurement adds `_min`/`_max`); a
+unit can be configured with others (Modbus registers, renamed inputs), so they are the known
+names, not the only possible ones.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ _UNITS = {
 }
 
 OSM_UNITS: Mapping[str, str] = MappingProxyType(_UNITS)
+
+# Measurements of the firmware's table that have no unit: the firmware's git hash, the
+# config revision counter and an RS232 response.
+_WITHOUT_UNIT = ("FW", "CREV", "R232")
+
+#: Every metric name the firmware's own measurements give, `_min`/`_max` included.
+OSM_METRICS: frozenset[str] = frozenset(
+    name + suffix for name in (*_UNITS, *_WITHOUT_UNIT) for suffix in ("", "_min", "_max")
+)
 
 
 def osm_unit(metric: str) -> str | None:

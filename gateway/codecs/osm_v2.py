@@ -29,7 +29,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from gateway.codecs.base import Codec, CodecOptions, DecodeContext, DecodeError
-from gateway.codecs.osm_units import OSM_UNITS
+from gateway.codecs.osm_units import OSM_METRICS, OSM_UNITS
 from gateway.model import Reading, Value
 
 ALIVE_FRAME = b"\x12\x34"
@@ -139,4 +139,11 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     return readings
 
 
-CODEC = Codec(name="osm-v2", options=OsmV2Options, decode=decode, default_units=OSM_UNITS)
+def metric_names(options: CodecOptions) -> frozenset[str]:
+    """The names of the firmware's measurements (a unit may be set up to send others)."""
+    return OSM_METRICS
+
+
+CODEC = Codec(
+    name="osm-v2", options=OsmV2Options, decode=decode, default_units=OSM_UNITS, metric_names=metric_names
+)

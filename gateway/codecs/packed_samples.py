@@ -67,7 +67,7 @@ def _scaled(value: int | float, scale: float, offset: float) -> Value:
     if isinstance(value, int) and scale.is_integer() and offset.is_integer():
         return value * int(scale) + int(offset)
     # 12100 * 0.001 is 12.100000000000001 in binary; no sensor has that precision.
-    return float(f"{value * scale + offset:.12g}")
+    return float(f"{value * scale + offset:.15g}")
 
 
 def _f32(raw: bytes, value: float) -> float:
@@ -122,4 +122,10 @@ def decode(payload: bytes, ctx: DecodeContext) -> list[Reading]:
     return readings
 
 
-CODEC = Codec(name="packed-samples", options=PackedSamplesOptions, decode=decode)
+def metric_names(options: CodecOptions) -> frozenset[str]:
+    """The metrics `options.ports` names: the codec gives no other."""
+    assert isinstance(options, PackedSamplesOptions)
+    return frozenset(port.metric for port in options.ports.values())
+
+
+CODEC = Codec(name="packed-samples", options=PackedSamplesOptions, decode=decode, metric_names=metric_names)

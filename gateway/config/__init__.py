@@ -1,7 +1,9 @@
 """Loading gateway.yaml and its device maps into typed objects, or every problem at once.
 
 `check`, `run` and SIGHUP reloads share `load_config` / `load_device_maps`; each problem is
-reported as FILE:LINE:COL: message, and the first problem never hides the others.
+reported as FILE:LINE:COL: message, and the first problem never hides the others. Warnings
+(`Config.warnings`, `DeviceMap.warnings`) are what validates but is most likely a mistake: `check`
+prints them, `run` may log them, and neither fails on them.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import difflib
 import glob
 import os
-import ssl
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from gateway.config.checks import syntax_hint, unknown_override_warnings
 from gateway.config.devices import (
     DeviceEntry,
     DeviceEntryBase,
@@ -24,7 +27,9 @@ from gateway.config.devices import (
     DeviceMapFile,
     MappedDevice,
 )
-from gateway.config.settings import IotCoreCloud, Settings
+from gateway.config.files import buffer_path_problems, check_files
+from gateway.config.settings import Settings
+from gateway.config.suggest import did_you_mean
 from gateway.config.yamlfile import YamlDocument, load_yaml
 from gateway.errors import ConfigError, Problem
 from gateway.model import DeviceKey
@@ -32,10 +37,12 @@ from gateway.model import DeviceKey
 __all__ = [
     "Config",
     "ConfigError",
+    "ConfigReport",
     "DeviceMap",
     "Problem",
     "Settings",
     "check_files",
+    "examine_config",
     "load_config",
     "load_device_maps",
 ]
@@ -48,6 +55,18 @@ class Config:
     path: Path
     settings: Settings
     devices: DeviceMap
+    #: Valid but most likely not meant (an override of a metric the codec never gives, a map file
+    #: with no devices, a buffer directory `run` will create): printed by `check`, never fatal.
+    warnings: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConfigReport:
+    """Everything `check` shows: the config when it has no problem, the problems, the warnings."""
+
+    config: Config | None
+    problems: list[Problem]
+    warnings: list[Problem]
 
 
 def _problems_from(exc: ValidationError, doc: YamlDocument, name: str, root_model: type[BaseModel]) -> list[Problem]:
@@ -83,14 +102,15 @@ def _problems_from(exc: ValidationError, doc: YamlDocument, name: str, root_mode
             line, col = doc.locate([*loc, err["ctx"]["discriminator"].strip("'")])
             tag, expected = err["ctx"]["tag"], err["ctx"]["expected_tags"]
             field = err["ctx"]["discriminator"].strip("'")
-            message = f"{path}.{field}: unknown {field} {tag!r} (known: {expected})"
+            hint = did_you_mean(str(tag), re.findall(r"'([^']*)'", expected))
+            message = f"{path}.{field}: unknown {field} {tag!r} ({hint or f'known: {expected}'})"
         elif kind == "union_tag_not_found":
             line, col = doc.locate(loc)
             field = err["ctx"]["discriminator"].strip("'")
             message = f"{path}: required key {field!r} is missing"
         else:
             line, col = doc.locate(loc)
-            text = err["msg"].removeprefix("Value error, ")
+            text = err["msg"].removeprefix("Value error, ") + syntax_hint(err.get("input"))
             message = f"{path}: {text}" if path else text
         problems.append(Problem(name, line, col, message))
     return problems
@@ -186,9 +206,19 @@ def load_device_maps(files: Sequence[Path]) -> DeviceMap:
     """Load and validate device-map files; raise `ConfigError` with every problem found.
 
     A `dev_eui`, `osm_id` or `sensor_id` defined twice, in one file or across files, is a
-    problem at the second place that names the first.
+    problem at the second place that names the first. The map's `warnings` say what validates
+    but is most likely a mistake.
     """
+    devices, problems = _read_device_maps(files)
+    if problems:
+        raise ConfigError(problems)
+    return devices
+
+
+def _read_device_maps(files: Sequence[Path]) -> tuple[DeviceMap, list[Problem]]:
+    """The devices of every valid entry (with the warnings) and the problems, sorted by position."""
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     by_key: dict[DeviceKey, MappedDevice] = {}
     by_sensor: dict[str, MappedDevice] = {}
     for path in files:
@@ -205,12 +235,15 @@ def load_device_maps(files: Sequence[Path]) -> DeviceMap:
             parsed = DeviceMapFile.model_validate(doc.root)
             entries = list(enumerate(parsed.devices))
             file_tenant = parsed.chirpstack_tenant_id
+            if not entries:
+                warnings.append(_no_devices(doc))
         except ValidationError as exc:
             problems += _problems_from(exc, doc, name, DeviceMapFile)
             # Keep checking the valid entries, so one bad entry hides no duplicate.
             entries = _valid_entries(doc.root.get("devices"))
             file_tenant = None
         for i, entry in entries:
+            warnings += unknown_override_warnings(entry, i, doc)
             # The file's tenant is that of its LoRaWAN devices; OSM units have none.
             if entry.chirpstack_tenant_id is None and file_tenant is not None and entry.dev_eui is not None:
                 entry = entry.model_copy(update={"chirpstack_tenant_id": file_tenant})
@@ -232,9 +265,21 @@ def load_device_maps(files: Sequence[Path]) -> DeviceMap:
                 continue
             by_key[key] = mapped
             by_sensor[entry.sensor_id] = mapped
-    if problems:
-        raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line, p.col)))
-    return DeviceMap(by_key)
+    return DeviceMap(by_key, tuple(_by_position(warnings))), _by_position(problems)
+
+
+def _by_position(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.file, p.line, p.col))
+
+
+def _no_devices(doc: YamlDocument) -> Problem:
+    """A map file that maps nothing: saved empty, or the devices went to another file."""
+    name = str(doc.path)
+    if "devices" in doc.root:
+        line, col = doc.locate_key(["devices"])
+        return Problem(name, line, col, f"no devices in {name} (its devices list is empty)")
+    what = "the file is empty" if not doc.root else "it has no 'devices' list"
+    return Problem(name, 1, 1, f"no devices in {name} ({what})")
 
 
 _ENTRY: TypeAdapter[DeviceEntryBase] = TypeAdapter(DeviceEntry)
@@ -253,158 +298,50 @@ def _valid_entries(raw: Any) -> list[tuple[int, DeviceEntryBase]]:
     return valid
 
 
-def check_files(settings: Settings, path: Path) -> list[Problem]:
-    """Problems with the files gateway.yaml names: certificates and keys (exist, PEM, mode, the key
-    unencrypted and the certificate's own)."""
-    problems: list[Problem] = []
-    try:
-        doc = load_yaml(path)
-    except ConfigError as exc:
-        return exc.problems
-    cloud = settings.cloud
-    if isinstance(cloud, IotCoreCloud):
-        problems += _check_tls_files(doc, ["cloud"], cloud.ca, cloud.cert, cloud.key)
-    for i, source in enumerate(settings.sources):
-        tls = source.broker.tls
-        if tls is not None:
-            problems += _check_tls_files(doc, ["sources", i, "broker", "tls"], tls.ca, tls.cert, tls.key)
-        if source.broker.password_file is not None:
-            loc = ["sources", i, "broker", "password_file"]
-            problems += _check_secret_file(source.broker.password_file, doc, loc)
-    return problems
-
-
-def _check_tls_files(doc: YamlDocument, at: list[Any], ca: Path, cert: Path | None, key: Path | None) -> list[Problem]:
-    """The CA, certificate and key of one TLS client; the pair is tried when both are PEM files."""
-    problems: list[Problem] = []
-    pair_readable = True
-    for field, file, kind in (("ca", ca, "CERTIFICATE"), ("cert", cert, "CERTIFICATE"), ("key", key, "PRIVATE KEY")):
-        if file is None:
-            continue
-        problem = _check_pem(file, kind, doc, [*at, field])
-        if problem is not None:
-            problems.append(problem)
-            pair_readable = pair_readable and field == "ca"
-        elif field == "key":
-            problems += _check_secret_file(file, doc, [*at, field])
-    # A key with a loose mode is still worth trying with its certificate: report both at once.
-    if cert is not None and key is not None and pair_readable:
-        problems += _check_key_pair(cert, key, doc, at)
-    return problems
-
-
-class _PassphraseAsked(Exception):
-    """OpenSSL asked for a passphrase: the key is encrypted."""
-
-
-def _refuse_passphrase() -> NoReturn:
-    # Called by OpenSSL instead of prompting on the terminal; raising makes load_cert_chain fail.
-    raise _PassphraseAsked
-
-
-# OpenSSL's reasons when a key loads but is not the certificate's (same type, or another type).
-_MISMATCH_REASONS = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED", "KEY_TYPE_MISMATCH"})
-
-
-def _check_key_pair(cert: Path, key: Path, doc: YamlDocument, at: list[Any]) -> list[Problem]:
-    """Load the pair as the TLS client will: the key must be unencrypted and the certificate's."""
-    where = ".".join(map(str, at))
-    key_line, key_col = doc.locate([*at, "key"])
-    name = str(doc.path)
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_refuse_passphrase)
-    except _PassphraseAsked:
-        return [
-            Problem(
-                name,
-                key_line,
-                key_col,
-                f"{where}.key: {key} is encrypted with a passphrase; the daemon needs an unencrypted key "
-                f"(openssl pkey -in {key} -out {key}.new)",
-            )
-        ]
-    except ssl.SSLError as exc:
-        if exc.reason in _MISMATCH_REASONS:
-            return [
-                Problem(
-                    name,
-                    key_line,
-                    key_col,
-                    f"{where}.cert and {where}.key do not belong together (the key is not the certificate's): "
-                    f"{cert}, {key}",
-                )
-            ]
-        reason = exc.reason or exc.library or "unreadable"
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
-        except ssl.SSLError:
-            line, col = doc.locate([*at, "cert"])
-            text = f"{where}.cert: {cert} is not a usable PEM certificate (OpenSSL: {reason})"
-            return [Problem(name, line, col, text)]
-        text = f"{where}.key: {key} is not a usable private key (OpenSSL: {reason})"
-        return [Problem(name, key_line, key_col, text)]
-    except OSError as exc:
-        return [Problem(name, key_line, key_col, f"{where}.cert/{where}.key: cannot read: {exc.strerror or exc}")]
-    return []
-
-
-def _check_secret_file(file: Path, doc: YamlDocument, loc: list[Any]) -> list[Problem]:
-    line, col = doc.locate(loc)
-    name = str(doc.path)
-    try:
-        mode = file.stat().st_mode
-    except OSError as exc:
-        return [Problem(name, line, col, f"{'.'.join(map(str, loc))}: {file}: {exc.strerror}")]
-    if mode & 0o077:
-        return [
-            Problem(
-                name,
-                line,
-                col,
-                f"{'.'.join(map(str, loc))}: {file} is readable by group or others "
-                f"(mode {mode & 0o777:04o}); run: chmod 600 {file}",
-            )
-        ]
-    return []
-
-
-def _check_pem(file: Path, kind: str, doc: YamlDocument, loc: list[Any]) -> Problem | None:
-    """The file is readable and holds a PEM block of `kind`."""
-    line, col = doc.locate(loc)
-    name = str(doc.path)
-    where = ".".join(map(str, loc))
-    try:
-        head = file.read_bytes()[: 1 << 16]
-    except OSError as exc:
-        return Problem(name, line, col, f"{where}: cannot read {file}: {exc.strerror}")
-    if b"-----BEGIN " not in head or kind.encode() not in head:
-        return Problem(name, line, col, f"{where}: {file} is not a PEM {kind.lower()}")
-    return None
-
-
 def load_config(path: Path | str, check_certs: bool = True) -> Config:
     """Load gateway.yaml and every device map; raise `ConfigError` listing all problems.
 
     The device maps are checked even when gateway.yaml has problems (with the globs it names,
-    if those are readable), so one run of `check` shows everything.
+    if those are readable), so one run of `check` shows everything. `check_certs` also checks
+    the files gateway.yaml names: certificates, keys, the buffer's directory.
     """
+    report = examine_config(path, check_certs)
+    if report.config is None:
+        raise ConfigError(report.problems)
+    return report.config
+
+
+def examine_config(path: Path | str, check_certs: bool = True) -> ConfigReport:
+    """Like `load_config`, but return the problems and warnings instead of raising: for `check`,
+    which prints the warnings found alongside problems too."""
     path = Path(path)
     settings, problems = _load_settings(path)
+    warnings: list[Problem] = []
     patterns = settings.devices if settings is not None else _raw_device_globs(path)
     files, unmatched = _map_files(patterns, path.parent)
     if unmatched:
         line, col = load_yaml(path).locate(["devices"])
         problems += [Problem(str(path), line, col, f"devices: {p!r} matches no file") for p in unmatched]
+    if settings is not None and not settings.devices:
+        line, col = load_yaml(path).locate(["devices"])
+        warnings.append(Problem(str(path), line, col, "devices: names no device-map file; every uplink is unmapped"))
     if check_certs and settings is not None:
         problems += check_files(settings, path)
-    try:
-        devices = load_device_maps(files)
-    except ConfigError as exc:
-        problems += exc.problems
-        devices = DeviceMap({})
+        errors, notes = buffer_path_problems(settings.buffer.path, load_yaml(path))
+        problems += errors
+        warnings += notes
+    devices, map_problems = _read_device_maps(files)
+    problems += map_problems
+    warnings += devices.warnings
+
+    def order(p: Problem) -> tuple[bool, str, int, int]:
+        return (p.file != str(path), p.file, p.line, p.col)
+
+    problems.sort(key=order)
+    warnings.sort(key=order)
     if problems or settings is None:
-        raise ConfigError(sorted(problems, key=lambda p: (p.file != str(path), p.file, p.line, p.col)))
-    return Config(path=path, settings=settings, devices=devices)
+        return ConfigReport(None, problems, warnings)
+    return ConfigReport(Config(path, settings, devices, tuple(warnings)), problems, warnings)
 
 
 def _raw_device_globs(path: Path) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ from pydantic import AfterValidator, Field, WithJsonSchema, create_model, model_
 
 from gateway.codecs import CODECS
 from gateway.config.types import Strict, schema_pattern
+from gateway.errors import Problem
 from gateway.model import DeviceKey
 
 # Matched with fullmatch (`$` would also accept a trailing newline); schema_pattern anchors
 # them for editors.
-_DEV_EUI = re.compile(r"[0-9A-Fa-f]{16}")
+# 16 hex digits, or 8 hex pairs separated by '-', ':' or ' ' as consoles and labels print them
+# (70-B3-D5-7E-D0-00-12-34, 70:b3:..., TTN's "70 B3 D5 ..."); stored as 16 lower-case digits.
+_DEV_EUI = re.compile(r"[0-9A-Fa-f]{2}(?:[-: ]?[0-9A-Fa-f]{2}){7}")
 _OSM_ID = re.compile(r"[0-9A-Fa-f]{8}")
 _SENSOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _METRIC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
@@ -35,10 +39,27 @@ TAG_INT_LIMIT = 10**38
 def _matching(pattern: re.Pattern[str], what: str) -> Any:
     def check(value: str) -> str:
         if not pattern.fullmatch(value):
-            raise ValueError(what)
+            raise ValueError(what + _first_foreign(value))
         return value
 
     return AfterValidator(check)
+
+
+def _first_foreign(value: str) -> str:
+    """Names the first non-ASCII character of `value`: `é` looks like a letter but is not one here."""
+    char = next((c for c in value if not c.isascii()), None)
+    if char is None:
+        return ""
+    return f" ({value!r} has {char!r}, {unicodedata.name(char, 'a character')}, which is not ASCII)"
+
+
+def _dev_eui(value: str) -> str:
+    """A DevEUI as 16 lower-case hex digits, whichever way it was written."""
+    if not _DEV_EUI.fullmatch(value):
+        raise ValueError(
+            "dev_eui must be 16 hex digits, e.g. 70b3d57ed0001234 (or 8 pairs separated by '-', ':' or spaces)"
+        )
+    return re.sub(r"[-: ]", "", value).lower()
 
 
 def _finite(value: float) -> float:
@@ -71,8 +92,7 @@ def _tenant_uuid(value: str) -> str:
 
 DevEui = Annotated[
     str,
-    _matching(_DEV_EUI, "dev_eui must be 16 hex digits, e.g. 70b3d57ed0001234"),
-    AfterValidator(str.lower),
+    AfterValidator(_dev_eui),
     WithJsonSchema({"type": "string", "pattern": schema_pattern(_DEV_EUI)}),
 ]
 OsmId = Annotated[
@@ -83,18 +103,22 @@ OsmId = Annotated[
 ]
 SensorId = Annotated[
     str,
-    _matching(_SENSOR_ID, "sensor_id must be 1-128 letters, digits, '.', '_', ':' or '-'"),
+    _matching(
+        _SENSOR_ID,
+        "sensor_id must be 1-128 ASCII letters (a-z, A-Z), digits, '.', '_', ':' or '-', starting with a "
+        "letter or digit",
+    ),
     WithJsonSchema({"type": "string", "pattern": schema_pattern(_SENSOR_ID)}),
 ]
 MetricName = Annotated[
     str,
-    _matching(_METRIC, "metric names are 1-128 letters, digits, '_', '.', ':' or '-'"),
+    _matching(_METRIC, "metric names are 1-128 ASCII letters (a-z, A-Z), digits, '_', '.', ':' or '-'"),
     WithJsonSchema({"type": "string", "pattern": schema_pattern(_METRIC)}),
 ]
 FiniteFloat = Annotated[float, AfterValidator(_finite)]
 TagKey = Annotated[
     str,
-    _matching(_TAG_KEY, "tag names are 1-64 letters, digits, '_', '.', ':' or '-'"),
+    _matching(_TAG_KEY, "tag names are 1-64 ASCII letters (a-z, A-Z), digits, '_', '.', ':' or '-'"),
 ]
 TagValue = Annotated[str | int | float | bool, AfterValidator(_tag_value)]
 Tags = Annotated[
@@ -133,9 +157,16 @@ class MetricOverride(Strict):
 class DeviceEntryBase(Strict):
     """Fields every device entry has, whatever its codec."""
 
-    dev_eui: DevEui | None = Field(default=None, description="LoRaWAN DevEUI: 16 hex digits, any case.")
+    dev_eui: DevEui | None = Field(
+        default=None,
+        description="LoRaWAN DevEUI: 16 hex digits, any case; pairs may be separated by '-', ':' or "
+        "spaces (70-B3-D5-7E-D0-00-12-34). Stored as 16 lower-case digits.",
+    )
     osm_id: OsmId | None = Field(default=None, description="OSM Wi-Fi/PoE unit: the 8-hex HWID in its topic.")
-    sensor_id: SensorId = Field(description="What the cloud sees; unique within the tenant.")
+    sensor_id: SensorId = Field(
+        description="What the cloud sees; unique within the tenant. 1-128 ASCII letters, digits, '.', '_', "
+        "':' or '-', starting with a letter or digit."
+    )
     tags: Tags = Field(
         default_factory=dict,
         description="Copied into every series' meta (what the network measured wins over a tag of "
@@ -234,6 +265,9 @@ class DeviceMap:
     """All devices of all map files, looked up by the identity an uplink carries."""
 
     by_key: Mapping[DeviceKey, MappedDevice]
+    #: What validates but is most likely a mistake (an override of a metric the codec never
+    #: gives, a file with no devices); a reload may log them, they never reject the map.
+    warnings: tuple[Problem, ...] = ()
 
     def get(self, key: DeviceKey) -> MappedDevice | None:
         """The device for this identity, or None when no map names it."""

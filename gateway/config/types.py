@@ -28,8 +28,17 @@ class Strict(BaseModel):
 # Spaces only, and ASCII digits only (`\d` would take any Unicode digit, which float() reads).
 _DURATION = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *(ms|s|m|h|d) *")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *(B|KiB|MiB|GiB)? *")
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_SIZE = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *(B|KiB|MiB|GiB) *")
+_SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+# A number with some other unit, to say which one was meant: sizes are binary (SPEC section 4),
+# so `1GB` is refused with "did you mean 1GiB?" rather than read as 10^9 or 2^30 bytes.
+_SIZE_ANY_UNIT = re.compile(r" *([0-9]+(?:\.[0-9]+)?) *([A-Za-z]*) *")
+_SIZE_UNIT_MEANT = {
+    **{u: "B" for u in ("b", "byte", "bytes")},
+    **{u: "KiB" for u in ("k", "kb", "kib", "kbyte", "kbytes")},
+    **{u: "MiB" for u in ("m", "mb", "mib", "mbyte", "mbytes")},
+    **{u: "GiB" for u in ("g", "gb", "gib", "gbyte", "gbytes")},
+}
 
 
 def parse_duration(value: Any) -> float:
@@ -51,19 +60,32 @@ def parse_duration(value: Any) -> float:
 
 
 def parse_size(value: Any) -> int:
-    """`512KiB`, `120KiB`, `1GiB` (or a number of bytes) -> bytes."""
-    if isinstance(value, bool):
+    """`512KiB`, `120KiB`, `1GiB`, `4096B` -> bytes.
+
+    A unit is required: a bare `1024` could mean bytes, KiB or MiB, and guessing wrong sizes
+    the buffer a million times off. Units are binary (B, KiB, MiB, GiB); `GB`, `MB`, `KB` and
+    other spellings are refused with the binary unit they most likely meant.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("expected a size such as 120KiB, 64MiB or 1GiB")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.fullmatch(str(value))
-        if not match:
-            raise ValueError(f"{value!r} is not a size: write e.g. 120KiB, 64MiB or 1GiB")
+    text = str(value)
+    match = _SIZE.fullmatch(text)
+    if match:
         size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    if size <= 0:
-        raise ValueError("a size must be greater than zero")
-    return size
+        if size <= 0:
+            raise ValueError("a size must be greater than zero")
+        return size
+    other = _SIZE_ANY_UNIT.fullmatch(text)
+    if other and not other.group(2):
+        n = other.group(1)
+        raise ValueError(f"size {n} has no unit: give one, e.g. {n}B, {n}KiB or {n}MiB (sizes take B, KiB, MiB, GiB)")
+    meant = _SIZE_UNIT_MEANT.get(other.group(2).casefold()) if other else None
+    if other and meant:
+        raise ValueError(
+            f"{text.strip()!r} is not a size: did you mean {other.group(1)}{meant}? "
+            "(sizes take the binary units B, KiB, MiB, GiB)"
+        )
+    raise ValueError(f"{value!r} is not a size: write e.g. 120KiB, 64MiB or 1GiB")
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -88,7 +110,7 @@ def _id_rule(max_len: int, what: str) -> Any:
     def check(value: str) -> str:
         if not pattern.fullmatch(value):
             raise ValueError(
-                f"{what} {value!r} must be 1-{max_len} lower-case letters, digits or '-', "
+                f"{what} {value!r} must be 1-{max_len} lower-case ASCII letters (a-z), digits or '-', "
                 "starting with a letter or digit"
             )
         return value
@@ -105,7 +127,7 @@ Duration = Annotated[
 Size = Annotated[
     int,
     BeforeValidator(parse_size),
-    WithJsonSchema({"type": ["string", "integer"], "pattern": schema_pattern(_SIZE)}),
+    WithJsonSchema({"type": "string", "pattern": schema_pattern(_SIZE)}),
 ]
 RelPath = Annotated[Path, AfterValidator(_resolve_path)]
 GatewayId = Annotated[

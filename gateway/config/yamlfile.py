@@ -11,6 +11,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from gateway.config.yamlerrors import explain
 from gateway.errors import ConfigError, Problem
 
 # Keys whose values are identifiers: YAML would read `12345678` as a number and drop leading
@@ -71,11 +72,39 @@ def _keep_identifier_text(node: Any, lines: list[str]) -> None:
             _keep_identifier_text(item, lines)
 
 
+#: Bounds on what a config or device-map file may be, so that `check`, `run` and a SIGHUP reload
+#: can never be held for long by a file: /dev/zero, or a few lines of nested aliases that expand
+#: to billions of values ("billion laughs").
+MAX_FILE_BYTES = 4 * 1024**2
+MAX_VALUES = 200_000
+
+
+def _expanded_size(root: Any) -> int:
+    """How many values the document holds with every alias expanded, counted up to MAX_VALUES + 1."""
+    count = 0
+    stack = [root]
+    while stack and count <= MAX_VALUES:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
 def load_yaml(path: Path, display: str | None = None) -> YamlDocument:
     """Parse one YAML file; a syntax error or duplicate key is a `ConfigError` with position."""
     name = display or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.exists() and not path.is_file():
+            raise ConfigError([Problem(name, 1, 1, "not a regular file")])
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            too_big = f"file is larger than {MAX_FILE_BYTES // 1024**2} MiB: not a config or device map"
+            raise ConfigError([Problem(name, 1, 1, too_big)])
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError([Problem(name, 1, 1, f"cannot read file: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
@@ -85,13 +114,23 @@ def load_yaml(path: Path, display: str | None = None) -> YamlDocument:
     try:
         root = yaml.load(text)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+        line, col, what = explain(text, exc)
         raise ConfigError([Problem(name, line, col, f"YAML: {what}")]) from None
     except YAMLError as exc:
         raise ConfigError([Problem(name, 1, 1, f"YAML: {exc}")]) from None
     if root is None:
         root = CommentedMap()
+    if _expanded_size(root) > MAX_VALUES:
+        raise ConfigError(
+            [
+                Problem(
+                    name,
+                    1,
+                    1,
+                    f"YAML: its anchors and aliases expand to more than {MAX_VALUES:,} values; "
+                    "write the entries out (or use fewer nested aliases)",
+                )
+            ]
+        )
     _keep_identifier_text(root, text.splitlines())
     return YamlDocument(path=path, root=root)
