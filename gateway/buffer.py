@@ -178,6 +178,10 @@ def connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
     # Status runs while the daemon writes; wait for a lock instead of failing at once.
     db.execute("PRAGMA busy_timeout=5000")
     if not readonly:
+        # A large transaction (a burst of big messages) grows the WAL; without a limit the file
+        # keeps that size for ever. With it, each checkpoint truncates the WAL back to what the
+        # disk-room rules (`_cap`) reserve for it.
+        db.execute(f"PRAGMA journal_size_limit={WAL_ALLOWANCE}")
         # Debian builds SQLite with secure_delete on: every confirmed batch's pages would be
         # zeroed, a second write of each. FAST zeroes only within pages written anyway.
         db.execute("PRAGMA secure_delete=FAST")
@@ -429,6 +433,7 @@ def _as_dead_letter(uplink: DecodedUplink, reason: str) -> DeadLetter:
         payload=uplink.payload,
         received_ms=uplink.received_ms,
         sensor_id=uplink.sensor_id,
+        dedup_key=uplink.dedup_key,
     )
 
 
@@ -818,7 +823,8 @@ class Buffer:
                         result.stored += 1
                         result.readings += len(o.readings)
                     elif isinstance(o, DeadLetter):
-                        if not first_seen(o.source if o.device is None else f"{o.device}|{o.source}", o.received_ms):
+                        key = o.dedup_key or o.source
+                        if not first_seen(key if o.device is None else f"{o.device}|{key}", o.received_ms):
                             result.duplicates += 1
                             continue
                         whole = _uplink_json(o.uplink) if o.uplink is not None else None
@@ -913,6 +919,11 @@ class Buffer:
             return "", f"readings cannot be encoded for the cloud: {_unencodable(uplink) or exc}"
         # The configured size, not what the link taught `max_bytes` since: an uplink bigger than
         # the link takes is still sent, in parts (`split`), as long as each reading fits.
+        if not series.isascii():
+            try:
+                series.encode()
+            except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800"): not text the cloud takes
+                return "", f"readings cannot be encoded for the cloud: {exc.reason} at character {exc.start}"
         room = self._configured_max_bytes - MESSAGE_OVERHEAD
         if len(series) * 4 <= room:  # UTF-8 takes at most 4 bytes a character: fits for sure
             return series, None

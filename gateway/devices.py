@@ -38,8 +38,9 @@ def _scaled(value: Value, scale: float | None, offset: float | None) -> Value:
     o = 0.0 if offset is None else offset
     if isinstance(value, int) and float(s).is_integer() and float(o).is_integer():
         return value * int(s) + int(o)
-    # 12100 * 0.001 is 12.100000000000001 in binary; no sensor has that precision.
-    return float(f"{value * s + o:.12g}")
+    # 12100 * 0.001 is 12.100000000000001 in binary; no sensor has that precision. 15
+    # significant digits keep every digit a double holds exactly (a u64 counter scaled too).
+    return float(f"{value * s + o:.15g}")
 
 
 def apply_overrides(readings: list[Reading], entry: DeviceEntryBase, default_units: Any) -> list[Reading]:
@@ -111,6 +112,7 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
             received_ms=uplink.received_ms,
             sensor_id=entry.sensor_id,
             uplink=uplink,
+            dedup_key=uplink.dedup_key,
         )
     unmatched: tuple[str, ...] = ()
     produced: tuple[str, ...] = ()
@@ -119,7 +121,20 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         covered = names | {n.removesuffix("_min").removesuffix("_max") for n in names}
         unmatched = tuple(key for key in entry.metrics if key not in covered)
         produced = tuple(sorted(names)) if unmatched else ()
-    readings = apply_overrides(readings, entry, codec.default_units)
+    try:
+        readings = apply_overrides(readings, entry, codec.default_units)
+    except OverflowError as exc:  # a value beyond a double's range once scaled
+        return DeadLetter(
+            device=uplink.device,
+            source=uplink.source,
+            f_port=uplink.f_port,
+            reason=f"{codec.name}: a value is too large to scale: {exc}",
+            payload=uplink.payload,
+            received_ms=uplink.received_ms,
+            sensor_id=entry.sensor_id,
+            uplink=uplink,
+            dedup_key=uplink.dedup_key,
+        )
     bad = next((r for r in readings if isinstance(r.value, float) and not math.isfinite(r.value)), None)
     if bad is not None:
         return DeadLetter(
@@ -131,6 +146,7 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
             received_ms=uplink.received_ms,
             sensor_id=entry.sensor_id,
             uplink=uplink,
+            dedup_key=uplink.dedup_key,
         )
     meta: dict[str, Any] = dict(entry.tags)
     meta.update(uplink.meta)  # what the network measured wins over a tag of the same name

@@ -31,6 +31,13 @@ from gateway.sources.events import Ignored
 log = structlog.get_logger("gateway.intake")
 
 MAX_GROUP = 2000
+#: A group also ends at this many bytes of messages, and its decoding at this many readings, so
+#: one transaction (and the memory that holds it) stays small whatever the messages weigh.
+MAX_GROUP_BYTES = 4 * 1024**2
+MAX_GROUP_READINGS = 50_000
+#: Messages waiting for intake are bounded in bytes: past this, a source's network thread waits
+#: (the broker holds what it has not sent us; QoS 0 floods are the broker's to drop).
+MAX_QUEUED_BYTES = 32 * 1024**2
 RETRY_S = 1.0
 #: Devices no map names, or of another tenant, are logged by name the first time (up to this
 #: many); after that only a summary line every SUMMARY_EVERY_S says how many more came.
@@ -83,6 +90,8 @@ class Intake:
         self._max_sizes: dict[str, int] = {}
         self._queue: queue.Queue[Delivery | object] = queue.Queue()
         self._stopping = threading.Event()
+        self._room = threading.Condition()
+        self._queued_bytes = 0
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self.stats = IntakeStats()
         #: Called after each committed group (the service wakes its loop).
@@ -110,9 +119,21 @@ class Intake:
             self._max_sizes[name] = max_message_size
 
     def deliver(self, delivery: Delivery) -> None:
-        """Called by sources from their network threads: queue the message."""
-        if not self._stopping.is_set():
-            self._queue.put(delivery)
+        """Called by sources from their network threads: queue the message, waiting while the
+        queue holds MAX_QUEUED_BYTES already (back-pressure instead of unbounded memory)."""
+        size = len(delivery.payload)
+        with self._room:
+            while self._queued_bytes > MAX_QUEUED_BYTES and not self._stopping.is_set():
+                self._room.wait(0.5)
+            if self._stopping.is_set():
+                return
+            self._queued_bytes += size
+        self._queue.put(delivery)
+
+    def _taken(self, delivery: Delivery) -> None:
+        with self._room:
+            self._queued_bytes -= len(delivery.payload)
+            self._room.notify_all()
 
     def start(self) -> None:
         """Start the intake thread."""
@@ -145,9 +166,12 @@ class Intake:
                 continue
             if first is _WAKE:
                 continue
-            group: list[Delivery] = [first]  # type: ignore[list-item]
+            assert isinstance(first, Delivery)
+            self._taken(first)
+            group: list[Delivery] = [first]
+            weight = len(first.payload)
             window_ends = time.monotonic() + self.commit_interval_s
-            while len(group) < MAX_GROUP:
+            while len(group) < MAX_GROUP and weight < MAX_GROUP_BYTES:
                 wait = window_ends - time.monotonic()
                 try:
                     item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
@@ -155,19 +179,35 @@ class Intake:
                     break
                 if item is _WAKE:
                     break
-                group.append(item)  # type: ignore[arg-type]
-            self._commit(group)
+                assert isinstance(item, Delivery)
+                self._taken(item)
+                group.append(item)
+                weight += len(item.payload)
+            while group:  # decoded and committed in parts of at most MAX_GROUP_READINGS
+                group = self._commit(group)
 
-    def _commit(self, group: list[Delivery]) -> None:
+    def _commit(self, group: list[Delivery]) -> list[Delivery]:
+        """Decode messages of the group until MAX_GROUP_READINGS, commit and ack them; return
+        the messages not yet decoded (the caller commits them next)."""
         pending: list[tuple[Delivery, list[Outcome | DeviceLog]]] = []
-        for delivery in group:
+        readings = 0
+        for i, delivery in enumerate(group):
+            if readings >= MAX_GROUP_READINGS:
+                rest = group[i:]
+                break
             try:
-                pending.append((delivery, self._outcomes(delivery)))
+                outcomes = self._outcomes(delivery)
             except Exception as exc:  # the one broad catch: a bug must not stop other devices
                 log.exception("cannot process message", source=delivery.source_name, topic=delivery.topic)
-                pending.append(
-                    (delivery, [self._dead_letter(delivery, f"internal error: {type(exc).__name__}: {exc}")])
-                )
+                outcomes = [self._dead_letter(delivery, f"internal error: {type(exc).__name__}: {exc}")]
+            pending.append((delivery, outcomes))
+            readings += sum(len(o.readings) for o in outcomes if isinstance(o, DecodedUplink))
+        else:
+            rest = []
+        self._commit_decoded(pending)
+        return [] if self._stopping.is_set() else rest
+
+    def _commit_decoded(self, pending: list[tuple[Delivery, list[Outcome | DeviceLog]]]) -> None:
         warned = ""
         size = len(pending)  # how many messages to commit at once: halved while the disk is full
         while pending:
@@ -358,7 +398,7 @@ class Intake:
         mapped = self.devices.get(device) if device is not None else None
         # Distinct payloads are distinct dead letters, however close their arrival; the same
         # message redelivered is recognised (the digest covers its bytes and its real size).
-        digest = hashlib.sha256(delivery.payload + str(delivery.oversize).encode()).hexdigest()[:16]
+        digest = delivery.digest or hashlib.sha256(delivery.payload).hexdigest()[:16]
         return DeadLetter(
             device=device,
             sensor_id=mapped.entry.sensor_id if mapped is not None else None,

@@ -91,6 +91,9 @@ class DeadLetter:
     topic: str | None = None
     #: The uplink the codec refused, kept whole so a corrected device map can decode it again.
     uplink: Uplink | None = None
+    #: What makes a redelivery recognisable when `source` alone does not (the uplink's key,
+    #: which for OSM holds a digest of the message: two bad fragments of one second differ).
+    dedup_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -582,6 +582,8 @@ class Service:
             for problem in exc.problems:
                 log.error("device map rejected; keeping the running maps", problem=str(problem))
             return
+        for warning in devices.warnings:
+            log.warning("device map: likely mistake", problem=str(warning))
         self.config = Config(self.config.path, self.settings, devices)
         decoded = self.intake.use_devices(devices)
         replayed = self.intake.replay_unmapped()

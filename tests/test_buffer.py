@@ -584,3 +584,14 @@ def test_disk_full_is_known_by_sqlites_code_not_by_the_word_full(tmp_path: Path)
     with pytest.raises(sqlite3.OperationalError) as raised:
         db.execute("SELECT * FROM full_history")
     assert not is_disk_full(raised.value)
+
+
+def test_a_lone_surrogate_in_a_reading_is_a_dead_letter(tmp_path: Path) -> None:
+    """A string with a lone surrogate (JSON "\\ud800" from an OSM unit) is not UTF-8: its uplink
+    is a dead letter with the reason, and the rest of the group is stored."""
+    b = make(tmp_path)
+    odd = DecodedUplink("osm/1", "s1", DEV, 5, {}, (Reading("name", "a\ud800b", None, 5),))
+    result = b.store([odd, uplink(1)])
+    assert (result.stored, result.dead_letters) == (1, 1)
+    reason = sqlite3.connect(tmp_path / "b.db").execute("SELECT reason FROM dead_letters").fetchone()[0]
+    assert "surrogates not allowed" in reason

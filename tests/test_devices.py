@@ -81,3 +81,24 @@ def test_tenant_ids_compare_case_insensitively() -> None:
     assert isinstance(resolve(up(FRAME), devices(chirpstack_tenant_id=TENANT.upper())), DecodedUplink)
     assert isinstance(resolve(up(FRAME, tenant=TENANT.upper()), devices(chirpstack_tenant_id=TENANT)), DecodedUplink)
 
+
+
+def test_a_value_too_large_to_scale_is_a_dead_letter() -> None:
+    """An OSM JSON integer of 400 digits under a scale override cannot become a double: the uplink
+    is a dead letter saying so, never an exception out of the devices stage."""
+    entry = _entry_model("osm-json").model_validate(
+        {"osm_id": "0A1B2C3D", "sensor_id": "kettle", "codec": "osm-json", "metrics": {"X": {"scale": 0.5}}}
+    )
+    m = DeviceMap({entry.key: MappedDevice(entry, "m.yaml", 1, 1)})
+    payload = b'{"UNIX": 1795000000, "VALUES": {"X": ' + b"9" * 400 + b"}}"
+    uplink = Uplink("osm/0A1B2C3D/1795000000", DeviceKey("osm_id", "0A1B2C3D"), payload, 1000, 2000)
+    out = resolve(uplink, m)
+    assert isinstance(out, DeadLetter) and "too large to scale" in out.reason
+
+
+def test_scaling_keeps_fifteen_significant_digits() -> None:
+    """A u64 counter scaled by 0.001 keeps 15 significant digits (a double's exact ones), not 12."""
+    frame = b"\x02" + b"CNT\x00" + b"\x01" + b"\x04" + (2**64 - 1).to_bytes(8, "little")
+    out = resolve(up(frame), devices(metrics={"CNT": {"scale": 0.001}}))
+    assert isinstance(out, DecodedUplink)
+    assert out.readings[0].value == 1.84467440737096e16

@@ -165,3 +165,36 @@ def test_garbage_gets_no_encoding_hint() -> None:
     with pytest.raises(EventError) as raised:
         parse_chirpstack(topic(EUI), b"\x83\x00garbage", 5, "json")
     assert "looks like" not in str(raised.value)
+
+
+def test_an_uplink_time_outside_years_2000_to_9999_is_passed_over() -> None:
+    """The binary encoding carries any int64 time: 2**62 s in `time` is passed over for the next
+    source (here the receive time), never sent as a timestamp the cloud cannot store."""
+    ev = uplink_event(EUI, b"\x02", time_ms=None)
+    ev.time.seconds = 2**62
+    up = parse_chirpstack(topic(EUI), encode(ev, "protobuf"), 1_795_000_000_123, "protobuf")
+    assert isinstance(up, Uplink) and up.time_ms == 1_795_000_000_123
+
+
+def test_a_log_code_newer_than_chirpstack_api_is_named_unknown() -> None:
+    """A log event whose code this chirpstack-api does not know is still counted, as UNKNOWN_<n>."""
+    ev = log_event(EUI)
+    ev.code = 9999
+    out = parse_chirpstack(topic(EUI, "log"), encode(ev, "protobuf"), 5, "protobuf")
+    assert isinstance(out, DeviceLog) and out.code == "UNKNOWN_9999"
+
+
+@pytest.mark.parametrize("encoding", ["json", "protobuf"])
+def test_an_object_json_cannot_carry_is_an_event_error(encoding: str) -> None:
+    """A decoded object holding NaN (binary) or a 400-digit integer (JSON) is an EventError, a
+    dead letter with a reason, not an internal error with a traceback."""
+    ev = uplink_event(EUI, b"\x02", obj={"x": 1.0})
+    if encoding == "protobuf":
+        ev.object["x"] = float("nan")
+        payload = encode(ev, "protobuf")
+    else:
+        document = json.loads(encode(ev, "json"))
+        document["object"]["x"] = int("9" * 400)
+        payload = json.dumps(document).encode()
+    with pytest.raises(EventError):
+        parse_chirpstack(topic(EUI), payload, 5, encoding)  # type: ignore[arg-type]

@@ -84,26 +84,38 @@ def _plain(payload: bytes) -> bytes:
     return gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload
 
 
+@pytest.mark.parametrize(
+    ("where", "count", "size"),
+    [("chirpstack", 2000, 24), ("osm", 300, 24), ("oversize", 100, 300_000)],
+)
 def test_a_burst_of_distinct_garbage_on_one_topic_gives_one_dead_letter_each(
     local_broker: Mosquitto,
     cloud_broker: Mosquitto,
     certs: TestCerts,
     daemons: list[Daemon],
     tmp_path: Path,
+    where: str,
+    count: int,
+    size: int,
 ) -> None:
-    """2,000 distinct non-JSON payloads published as fast as the broker takes them on one device
-    topic are 2,000 dead letters (none mistaken for a redelivery and acked away), and a
-    redelivered copy of one is still recognised as a duplicate."""
-    daemon = make_daemon(tmp_path, local_broker, cloud_broker, certs, daemons).start()
+    """Distinct bad payloads published as fast as the broker takes them on one device topic are
+    one dead letter each, none mistaken for a redelivery and acked away: ChirpStack events that
+    do not parse, OSM messages a codec refuses (all within one UNIX second of the receive
+    clock), and oversized messages that share their first bytes."""
+    osm_map = "  - osm_id: 0A1B2C3D\n    sensor_id: kettle-1\n    codec: osm-json\n"
+    daemon = make_daemon(tmp_path, local_broker, cloud_broker, certs, daemons)
+    (daemon.workdir / "devices" / "site.yaml").write_text(devices_yaml(2) + osm_map)
+    daemon.start()
     rng = random.Random(8)
-    payloads = [b"\x83" + rng.randbytes(24) for _ in range(2000)]
+    on = "osm/0A1B2C3D/measurements" if where == "osm" else topic(dev_eui(0))
     with publishing(local_broker) as send:
-        for p in payloads:
-            send(topic(dev_eui(0)), p)
-    report = daemon.wait_status(lambda s: s["dead_letters"]["total"] >= 2000, timeout=60)
-    assert report["dead_letters"]["total"] == 2000
+        for _ in range(count):
+            send(on, b"\x83" * (size - 24) + rng.randbytes(24))  # the same first bytes, distinct tails
+    report = daemon.wait_status(lambda s: s["dead_letters"]["total"] >= count, timeout=60)
+    assert report["dead_letters"]["total"] == count
     assert report["counters"].get("duplicate_uplinks", 0) == 0
-    assert report["dead_letters"]["latest"][0]["sensor_id"] == "machine-00-clamp"
+    sensor = "kettle-1" if where == "osm" else "machine-00-clamp"
+    assert report["dead_letters"]["latest"][0]["sensor_id"] == sensor
 
 
 def test_oversized_messages_are_dead_letters_with_their_size_and_never_held_whole(
@@ -289,3 +301,64 @@ def test_sigterm_while_waiting_for_an_unreachable_local_broker_stops_within_5_s(
     code, took = daemon.stop()
     assert code == 0 and took < 5.0, (code, took, daemon.log_tail())
     assert "gateway started" not in daemon.log_path.read_text()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def test_a_flood_of_heavy_valid_uplinks_keeps_memory_bounded(
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    reader: Subscriber,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """100 uplinks of 12,000 decoded leaves each (210 KB, under max_message_size), queued at once:
+    intake decodes and commits them in bounded parts, so the daemon's peak memory stays far
+    below what holding them all would take, and another device's uplink still arrives."""
+    heavy = "  - dev_eui: 70b3d57ed00fffff\n    sensor_id: heavy\n    codec: chirpstack-object\n"
+    daemon = make_daemon(tmp_path, local_broker, cloud_broker, certs, daemons)
+    (daemon.workdir / "devices" / "site.yaml").write_text(devices_yaml(2) + heavy)
+    daemon.start()
+    assert daemon.process is not None
+    leaves = {f"m{i}": i * 1.5 for i in range(12_000)}
+    with publishing(local_broker) as send:
+        for i in range(100):
+            body = json.loads(encode(uplink_event("70b3d57ed00fffff", b"", dedup_id=f"heavy-{i}"), "json"))
+            body["object"] = leaves
+            send(topic("70b3d57ed00fffff"), json.dumps(body).encode())
+    wait_rows(reader, send_uplinks(local_broker, range(1, 2)), timeout=120)
+    assert peak_rss_mib(daemon.process.pid) < 250
+
+
+def test_a_flood_of_big_bad_messages_keeps_the_buffer_file_near_max_size(
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """With max_size 4MiB, 200 distinct 200 KB garbage messages and 200 unmapped 150 KB OSM
+    messages leave the buffer file and its WAL within max_size, the WAL's allowance (6 MiB) and
+    one group as stored (4 MiB of messages; an unmapped OSM message is kept as hex and parsed
+    JSON, about 3x), not hundreds of MB: dead letters and unmapped uplinks are pruned per group
+    and the WAL is truncated at checkpoints."""
+    daemon = make_daemon(tmp_path, local_broker, cloud_broker, certs, daemons, buffer_yaml="max_size: 4MiB")
+    daemon.start()
+    rng = random.Random(15)
+    with publishing(local_broker) as send:
+        for i in range(200):
+            send(topic(dev_eui(0)), b"\x83" + rng.randbytes(200_000))
+            unix = 1_795_000_000 + i
+            send("osm/0B0B0B0B/measurements", json.dumps({"UNIX": unix, "VALUES": {"X": "y" * 150_000}}))
+    report = daemon.wait_status(lambda s: s["dead_letters"]["total"] == 200 and s["unmapped_uplinks"] > 0, timeout=60)
+    files = [daemon.workdir / name for name in ("buffer.db", "buffer.db-wal")]
+    on_disk = sum(f.stat().st_size for f in files if f.exists())
+    assert on_disk < (4 + 6 + 3 * 4) * 1024**2, on_disk
+    assert report["dead_letters"]["kept_bytes"] <= 4 * 1024**2 // 10 + 200_001

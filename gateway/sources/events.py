@@ -46,19 +46,26 @@ def event_type(topic: str) -> str:
     raise EventError(f"topic {topic!r} is not a ChirpStack event topic (.../event/<type>)")
 
 
-def _ms(timestamp: Any) -> int:
-    return int(timestamp.seconds) * 1000 + int(timestamp.nanos) // 1_000_000
+#: Uplink times outside these (ms since the epoch: 2000-01-01, 9999-12-31) are not times a
+#: network server gives; such a field is passed over as if absent.
+EARLIEST_MS, LATEST_MS = 946_684_800_000, 253_402_300_799_999
+
+
+def _ms(timestamp: Any) -> int | None:
+    ms = int(timestamp.seconds) * 1000 + int(timestamp.nanos) // 1_000_000
+    return ms if EARLIEST_MS <= ms <= LATEST_MS else None
 
 
 def _uplink_time_ms(event: Any, received_ms: int) -> int:
-    """Event `time`; else the first rxInfo `nsTime`, then `gwTime`; else the receive time."""
-    if event.HasField("time"):
-        return _ms(event.time)
+    """Event `time`; else the first rxInfo `nsTime`, then `gwTime`; else the receive time. A
+    time outside years 2000-9999 (the binary encoding carries any int64) is passed over."""
+    candidates = [event.time] if event.HasField("time") else []
     for rx in event.rx_info[:1]:
-        if rx.HasField("ns_time"):
-            return _ms(rx.ns_time)
-        if rx.HasField("gw_time"):
-            return _ms(rx.gw_time)
+        candidates += [getattr(rx, name) for name in ("ns_time", "gw_time") if rx.HasField(name)]
+    for timestamp in candidates:
+        ms = _ms(timestamp)
+        if ms is not None:
+            return ms
     return received_ms
 
 
@@ -90,7 +97,7 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
                 raw_object = document["object"]  # keeps integers that the JSON had
         else:
             message.ParseFromString(payload)
-    except (ValueError, json_format.ParseError, ProtobufDecodeError, RecursionError) as exc:
+    except (ValueError, OverflowError, json_format.ParseError, ProtobufDecodeError, RecursionError) as exc:
         if "too deep" in str(exc) or isinstance(exc, RecursionError):
             raise EventError(
                 f"{kind} event nests deeper than protobuf's limit of 100 levels (ChirpStack's decoded "
@@ -108,8 +115,8 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
     if isinstance(message, integration_pb2.LogEvent):
         return DeviceLog(
             device=device,
-            code=integration_pb2.LogCode.Name(message.code),
-            level=integration_pb2.LogLevel.Name(message.level),
+            code=_enum_name(integration_pb2.LogCode, message.code),
+            level=_enum_name(integration_pb2.LogLevel, message.level),
             description=message.description[:500],
             received_ms=received_ms,
         )
@@ -121,7 +128,10 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
             f"ChirpStack's are UUIDs (at most {MAX_DEDUPLICATION_ID} accepted)"
         )
     if raw_object is None and message.HasField("object"):
-        raw_object = _integral(json_format.MessageToDict(message.object))
+        try:
+            raw_object = _integral(json_format.MessageToDict(message.object))
+        except (ValueError, json_format.Error) as exc:  # NaN or infinity in a Struct
+            raise EventError(f"uplink event's decoded object cannot be read: {_short(exc)}") from None
     meta: dict[str, Any] = {"dev_eui": dev_eui, "f_cnt": message.f_cnt, "f_port": message.f_port}
     if message.rx_info:
         best = max(message.rx_info, key=lambda rx: rx.rssi)
@@ -179,6 +189,14 @@ def parse_osm(topic: str, payload: bytes, received_ms: int) -> Uplink:
         # UNIX second: the payload's digest keeps a second fragment from passing as a redelivery.
         dedup_key=f"{source}#{hashlib.sha256(payload).hexdigest()[:16]}",
     )
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """The enum value's name, or UNKNOWN_<n> for a value newer than the installed chirpstack-api."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return f"UNKNOWN_{value}"
 
 
 def _encoding_hint(kind: str, payload: bytes, encoding: str) -> str:

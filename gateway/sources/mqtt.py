@@ -10,6 +10,7 @@ otherwise acknowledge a different message).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,8 @@ class Delivery:
     #: The message's real size when it exceeded `max_message_size`: `payload` then holds only
     #: its first bytes (kept in the dead letter), never the whole of it.
     oversize: int | None = None
+    #: Digest of the whole oversized message (its dead letter's key; `payload` is cut short).
+    digest: str | None = None
 
 
 class ClientFactory(Protocol):
@@ -188,11 +191,13 @@ class MqttSource:
                     client.ack(mid, qos)
 
         payload = message.payload
-        oversize = None
+        oversize = digest = None
         if len(payload) > self.max_message_size:
             oversize = len(payload)
+            digest = hashlib.sha256(payload).hexdigest()[:16]  # of the whole message: tells them apart
             payload = payload[:OVERSIZE_KEPT]
-        self._deliver(Delivery(self.name, message.topic, bytes(payload), time.time_ns() // 1_000_000, ack, oversize))
+        received_ms = time.time_ns() // 1_000_000
+        self._deliver(Delivery(self.name, message.topic, bytes(payload), received_ms, ack, oversize, digest))
 
 
 __all__ = ["Delivery", "MqttSource", "paho_client"]
