@@ -100,20 +100,25 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         object=uplink.object,
         options=entry.options,
     )
-    try:
-        readings = codec.decode(uplink.payload, ctx)
-    except DecodeError as exc:
+
+    def refused(why: str) -> DeadLetter:
+        """The uplink as a dead letter, kept whole so a corrected map can decode it again."""
         return DeadLetter(
             device=uplink.device,
             source=uplink.source,
             f_port=uplink.f_port,
-            reason=f"{codec.name}: {exc}",
+            reason=f"{codec.name}: {why}",
             payload=uplink.payload,
             received_ms=uplink.received_ms,
             sensor_id=entry.sensor_id,
             uplink=uplink,
             dedup_key=uplink.dedup_key,
         )
+
+    try:
+        readings = codec.decode(uplink.payload, ctx)
+    except DecodeError as exc:
+        return refused(str(exc))
     unmatched: tuple[str, ...] = ()
     produced: tuple[str, ...] = ()
     if entry.metrics:
@@ -124,30 +129,10 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
     try:
         readings = apply_overrides(readings, entry, codec.default_units)
     except OverflowError as exc:  # a value beyond a double's range once scaled
-        return DeadLetter(
-            device=uplink.device,
-            source=uplink.source,
-            f_port=uplink.f_port,
-            reason=f"{codec.name}: a value is too large to scale: {exc}",
-            payload=uplink.payload,
-            received_ms=uplink.received_ms,
-            sensor_id=entry.sensor_id,
-            uplink=uplink,
-            dedup_key=uplink.dedup_key,
-        )
+        return refused(f"a value is too large to scale: {exc}")
     bad = next((r for r in readings if isinstance(r.value, float) and not math.isfinite(r.value)), None)
     if bad is not None:
-        return DeadLetter(
-            device=uplink.device,
-            source=uplink.source,
-            f_port=uplink.f_port,
-            reason=f"{codec.name}: {bad.metric} is {bad.value} (not a finite number)",
-            payload=uplink.payload,
-            received_ms=uplink.received_ms,
-            sensor_id=entry.sensor_id,
-            uplink=uplink,
-            dedup_key=uplink.dedup_key,
-        )
+        return refused(f"{bad.metric} is {bad.value} (not a finite number)")
     meta: dict[str, Any] = dict(entry.tags)
     meta.update(uplink.meta)  # what the network measured wins over a tag of the same name
     return DecodedUplink(

@@ -130,9 +130,10 @@ class Intake:
             self._queued_bytes += size
         self._queue.put(delivery)
 
-    def _taken(self, delivery: Delivery) -> None:
+    def _taken(self, size: int) -> None:
+        """A group of `size` bytes left the queue: sources waiting for room may go on."""
         with self._room:
-            self._queued_bytes -= len(delivery.payload)
+            self._queued_bytes -= size
             self._room.notify_all()
 
     def start(self) -> None:
@@ -167,7 +168,6 @@ class Intake:
             if first is _WAKE:
                 continue
             assert isinstance(first, Delivery)
-            self._taken(first)
             group: list[Delivery] = [first]
             weight = len(first.payload)
             window_ends = time.monotonic() + self.commit_interval_s
@@ -180,9 +180,9 @@ class Intake:
                 if item is _WAKE:
                     break
                 assert isinstance(item, Delivery)
-                self._taken(item)
                 group.append(item)
                 weight += len(item.payload)
+            self._taken(weight)
             while group:  # decoded and committed in parts of at most MAX_GROUP_READINGS
                 group = self._commit(group)
 

@@ -16,6 +16,7 @@ from tests.support.brokers import (
     find_mosquitto,
 )
 from tests.support.certs import TestCerts, make_test_certs
+from tests.support.daemon import Daemon
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +92,18 @@ def cloud_reader(
     yield make
     for reader in readers:
         reader.close()
+
+
+@pytest.fixture
+def reader(cloud_reader: CloudReaderFactory) -> Subscriber:
+    """The cloud side: a persistent session, so nothing published while it reconnects is lost."""
+    return cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=600)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons a test makes (append them): each is killed at teardown if it is still running."""
+    made: list[Daemon] = []
+    yield made
+    for d in made:
+        d.close()

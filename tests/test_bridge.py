@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 
 from gateway import wire
 from tests.chirpstack import encode, log_event, topic, uplink_event
-from tests.conftest import CloudReaderFactory
 from tests.support.brokers import Mosquitto, ReceivedMessage, Subscriber, publishing
 from tests.support.certs import TestCerts
 from tests.support.daemon import TOPIC, Daemon
@@ -115,20 +113,6 @@ def wait_rows(reader: Subscriber, expected: set[tuple[Any, ...]], timeout: float
     """Wait until every expected row has arrived at the cloud; return all rows received."""
     reader.wait_for(lambda msgs: expected <= set(cloud_rows(msgs)), timeout=timeout)
     return cloud_rows(reader.messages)
-
-
-@pytest.fixture
-def reader(cloud_reader: CloudReaderFactory) -> Subscriber:
-    """The cloud side: a persistent session, so nothing published while it reconnects is lost."""
-    return cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=600)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        d.close()
 
 
 @pytest.mark.parametrize("encoding", ["json", "protobuf"])

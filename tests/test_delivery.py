@@ -20,7 +20,6 @@ import pytest
 from gateway import wire
 from gateway.buffer import integrity_problems
 from tests.chirpstack import encode, topic, uplink_event
-from tests.conftest import CloudReaderFactory
 from tests.support.brokers import Mosquitto, ReceivedMessage, Subscriber, publishing
 from tests.support.certs import TestCerts
 from tests.support.daemon import Daemon
@@ -133,20 +132,6 @@ def wait_rows(reader: Subscriber, expected: set[Row], timeout: float = 60.0) -> 
         return expected <= got
 
     return reader.wait_for(arrived, timeout=timeout)
-
-
-@pytest.fixture
-def reader(cloud_reader: CloudReaderFactory) -> Subscriber:
-    """The cloud side: a persistent session, so nothing published while it reconnects is lost."""
-    return cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=600)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        d.close()
 
 
 def test_kill_9_twenty_times_under_1hz_streams_loses_nothing_and_bounds_duplicates(

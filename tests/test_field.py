@@ -12,7 +12,7 @@ from tests.chirpstack import encode, topic, uplink_event
 from tests.support.brokers import Mosquitto, Subscriber, publishing
 from tests.support.certs import TestCerts
 from tests.support.daemon import Daemon
-from tests.test_bridge import PRESS, T0, daemons, press_frame, reader, wait_rows  # noqa: F401 - fixtures
+from tests.test_bridge import PRESS, T0, press_frame, wait_rows
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def test_an_override_that_never_matches_is_flagged_once_in_the_log_and_status(
     local_broker: Mosquitto,
     cloud_broker: Mosquitto,
     certs: TestCerts,
-    daemons: list[Daemon],  # noqa: F811
+    daemons: list[Daemon],
     tmp_path: Path,
 ) -> None:
     """`CCl` (letter l) for `CC1`: after 20 uplinks that decode but never produce it, one warning
@@ -55,8 +55,8 @@ def test_dead_letters_of_a_device_fixed_by_a_reload_are_decoded_again(
     local_broker: Mosquitto,
     cloud_broker: Mosquitto,
     certs: TestCerts,
-    reader: Subscriber,  # noqa: F811
-    daemons: list[Daemon],  # noqa: F811
+    reader: Subscriber,
+    daemons: list[Daemon],
     tmp_path: Path,
 ) -> None:
     """A device mapped with the wrong codec makes dead letters; once its entry is fixed and the

@@ -16,27 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.chirpstack import encode, topic, uplink_event
-from tests.conftest import CloudReaderFactory
 from tests.support.brokers import Mosquitto, Subscriber, publishing
 from tests.support.certs import TestCerts
 from tests.support.daemon import ROOT, Daemon
 from tests.test_delivery import T0, dev_eui, devices_yaml, frame, row_for, wait_rows
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def reader(cloud_reader: CloudReaderFactory) -> Subscriber:
-    """The cloud side, with a persistent session."""
-    return cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=600)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        d.close()
 
 
 def make_daemon(

@@ -120,14 +120,6 @@ def small_reader(small_cloud: Mosquitto, certs: TestCerts) -> Iterator[Subscribe
         yield r
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        d.close()
-
-
 # ---- A: a PUBACK the client cannot read, with the real IotCorePublisher -----------------
 
 
