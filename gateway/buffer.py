@@ -1556,11 +1556,32 @@ class Buffer:
     def forget_dead_letters(self, ids: Sequence[int]) -> None:
         """Remove dead letters that decoded after all (their readings are stored)."""
         with self._lock, self._tx():
+            gone = 0
             for i in ids:
-                row = self._db.execute(f"SELECT {_DEAD_LETTER_SIZE} FROM dead_letters WHERE id = ?", (i,)).fetchone()
+                row = self._db.execute(
+                    f"SELECT {_DEAD_LETTER_SIZE}, device, sensor_id FROM dead_letters WHERE id = ?", (i,)
+                ).fetchone()
                 if row is not None:
                     self._db.execute("DELETE FROM dead_letters WHERE id = ?", (i,))
                     self._totals["dead_letter_bytes"] -= row[0]
+                    gone += 1
+                    if row[1] is not None:  # the device's count is of letters still dead
+                        d = self._device_stats.setdefault(
+                            row[1],
+                            {
+                                "sensor_id": row[2],
+                                "last": 0,
+                                "up": 0,
+                                "rd": 0,
+                                "dl": 0,
+                                "log": 0,
+                                "lastlog": None,
+                                "ft": 0,
+                            },
+                        )
+                        d["dl"] -= 1
+            if gone:
+                self._count("dead_letters_decoded_again", gone)
             self._save_totals()
 
     def forget_unmapped(self, ids: Sequence[int]) -> None:

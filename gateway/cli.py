@@ -90,17 +90,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show the backlog, last publish, dead letters and devices, from the buffer file."""
-    from gateway.config import load_config
+    from gateway.config import load_settings
     from gateway.status import format_status, read_status
 
     path = _config_path(args.config)
     try:
-        config = load_config(path, check_certs=False)
+        # gateway.yaml only: a broken device map must not hide the daemon's state, which is
+        # exactly when an engineer needs it.
+        settings = load_settings(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    buffer_path = config.settings.buffer.path
+    buffer_path = settings.buffer.path
     try:
         report = read_status(buffer_path)
     except (sqlite3.DatabaseError, OSError) as exc:
@@ -134,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     log.configure(config.settings.log.level, config.settings.log.format)
     for warning in config.warnings:
-        structlog.get_logger("gateway.config").warning("device map or config: likely mistake", problem=str(warning))
+        structlog.get_logger("gateway.config").warning("check warning", problem=str(warning))
     # A fatal signal (SIGBUS from a file mapped on a card that went away, SIGSEGV) still leaves
     # a traceback in the journal instead of a silent death.
     faulthandler.enable()
@@ -310,10 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # `hub-gateway status | head`: the reader closed the pipe. As the Python docs advise
         # (signal module, "Note on SIGPIPE"), point stdout at devnull so the flush at exit
-        # cannot fail again, and exit quietly.
+        # cannot fail again, and exit quietly: the reader chose to stop, nothing went wrong
+        # (exit 0, so `set -o pipefail` scripts do not fail at random on how much fitted).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_PROBLEMS
+        return EXIT_OK
     except OSError as exc:  # stdout on a full disk (`> /dev/full`), a vanished terminal
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

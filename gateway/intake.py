@@ -43,6 +43,7 @@ RETRY_S = 1.0
 #: many); after that only a summary line every SUMMARY_EVERY_S says how many more came.
 NAMED_IN_LOG = 1000
 SUMMARY_EVERY_S = 60.0
+DEAD_LETTERS_NAMED = 5  # per commit group, each with its device and reason; the rest counted
 #: A metric override that no decoded uplink of its device matched this many times in a row,
 #: since start or reload, is flagged (a typo such as CCl for CC1 would otherwise pass for ever).
 OVERRIDE_FLAG_AFTER = 20
@@ -301,7 +302,17 @@ class Intake:
         if result.dropped is not None:
             log.warning("buffer bound reached: oldest readings dropped", **result.dropped.log_fields())
         if result.dead_letters:
-            log.warning("dead letters stored", count=result.dead_letters)
+            # Say what and why for the first few (journalctl shows it without `status`), then count.
+            named = [o for _, outcomes in pending[:done] for o in outcomes if isinstance(o, DeadLetter)]
+            for letter in named[:DEAD_LETTERS_NAMED]:
+                log.warning(
+                    "dead letter",
+                    device=str(letter.device) if letter.device else None,
+                    sensor_id=letter.sensor_id,
+                    reason=letter.reason[:300],
+                )
+            if result.dead_letters > min(len(named), DEAD_LETTERS_NAMED):
+                log.warning("dead letters stored", count=result.dead_letters)
         self.stats.add(result)
         self.stats.messages += done
         self.stats.groups += 1

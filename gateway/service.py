@@ -32,7 +32,7 @@ from gateway.buffer import (
 )
 from gateway.cloud import CONNECTION_REFUSALS, Publisher, PublishResult
 from gateway.cloud.directory import DirectoryPublisher
-from gateway.config import Config, ConfigError, device_map_files, load_device_maps
+from gateway.config import Config, ConfigError, device_map_files, load_device_maps, load_settings
 from gateway.config.settings import DirectoryCloud, Settings
 from gateway.errors import BufferLostError
 from gateway.intake import Intake
@@ -575,7 +575,26 @@ class Service:
             log.warning("buffer bound reached: oldest readings dropped", **fields)
 
     def reload(self) -> None:
-        """Reload device maps; a map that fails validation is rejected and the old one stays."""
+        """Reload device maps; a map that fails validation is rejected and the old one stays.
+
+        gateway.yaml is read too, only to say what a reload does not do: a broken file (the
+        next start would refuse it) and a changed one (a restart applies it) are logged.
+        """
+        try:
+            on_disk = load_settings(self.config.path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error(
+                    "gateway.yaml has problems: the running settings stay, but the next start will refuse it",
+                    problem=str(problem),
+                )
+        else:
+            if on_disk != self.settings:
+                log.warning(
+                    "gateway.yaml changed: a reload applies device maps only; restart to apply it "
+                    "(systemctl restart hub-gateway)",
+                    path=str(self.config.path),
+                )
         try:
             devices = load_device_maps(device_map_files(self.config))
         except ConfigError as exc:

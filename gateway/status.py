@@ -62,6 +62,7 @@ def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
         )
     )
     unmapped = db["unmapped"].count
+    kept_letters = db["dead_letters"].count
     db.conn.close()
     return {
         "buffer": str(path),
@@ -78,6 +79,8 @@ def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
         "last_publish_age_s": None if last_publish is None else round((now - last_publish) / 1000, 1),
         "dead_letters": {
             "total": counters.get("dead_letters", 0),
+            "kept": kept_letters,
+            "decoded_again": counters.get("dead_letters_decoded_again", 0),
             "kept_bytes": totals.get("dead_letter_bytes", 0),
             "latest": letters,
         },
@@ -114,7 +117,7 @@ def format_status(report: dict[str, Any]) -> str:
         f"backlog:       {b['readings']} readings, {b['bytes']} bytes, "
         f"oldest unsent {_age(b['oldest_unsent_ms'], now) if b['oldest_unsent_ms'] else 'none'}",
         f"last publish:  {_age(report['last_publish_ms'], now)}",
-        f"dead letters:  {report['dead_letters']['total']} ({report['dead_letters']['kept_bytes']} bytes kept)",
+        _dead_letter_line(report["dead_letters"]),
         f"unmapped:      {report['unmapped_uplinks']} uplinks from devices in no map, "
         f"{report['unmapped_bytes']} bytes (kept for replay)",
     ]
@@ -146,3 +149,10 @@ def format_status(report: dict[str, Any]) -> str:
                 f"last seen {_age(dev['last_seen_ms'], now)}" + (f"; {', '.join(extra)}" if extra else "")
             )
     return "\n".join(lines)
+
+
+def _dead_letter_line(letters: dict[str, Any]) -> str:
+    line = f"dead letters:  {letters['kept']} kept ({letters['kept_bytes']} bytes), {letters['total']} since the start"
+    if letters["decoded_again"]:
+        line += f", {letters['decoded_again']} decoded again after a map fix"
+    return line

@@ -274,7 +274,9 @@ def test_a_buffer_directory_that_is_not_writable_is_an_error(
 @pytest.mark.parametrize(
     ("size", "message"),
     [
-        ("1024", "size 1024 has no unit: give one, e.g. 1024B, 1024KiB or 1024MiB"),
+        ("1024", "size 1024 has no unit: if it is bytes, write 1024B (= 1KiB)"),
+        ("1073741824", "size 1073741824 has no unit: if it is bytes, write 1073741824B (= 1GiB)"),
+        ("1000", "size 1000 has no unit: if it is bytes, write 1000B; else 1000KiB or 1000MiB"),
         ("1GB", "'1GB' is not a size: did you mean 1GiB?"),
         ("64mb", "'64mb' is not a size: did you mean 64MiB?"),
     ],
@@ -327,3 +329,32 @@ def test_a_codec_typo_suggests_the_codec(tmp_path: Path) -> None:
         load_device_maps([device_map])
     (problem,) = info.value.problems
     assert str(problem) == f"{device_map}:4:12: devices.0.codec: unknown codec 'osm-v3' (did you mean 'osm-v2'?)"
+
+
+def test_a_typo_in_the_codec_key_itself_is_named(tmp_path: Path) -> None:
+    """`codex: osm-json` says that `codec` is missing and that `codex` looks like its typo."""
+    _, device_map = site(tmp_path, "devices:\n  - dev_eui: 70b3d57ed0001234\n    sensor_id: s\n    codex: osm-v2\n")
+    with pytest.raises(ConfigError) as info:
+        load_device_maps([device_map])
+    (problem,) = info.value.problems
+    assert problem.message == "devices.0: required key 'codec' is missing (is 'codex' a typo for 'codec'?)"
+
+
+def test_devices_key_with_nothing_under_it_is_the_empty_map_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that says `devices:` and nothing more gets the "no devices" warning, not a type error."""
+    cfg, device_map = site(tmp_path, "devices:\n")
+    code, out = check(cfg, capsys)
+    assert code == 0
+    assert out[0] == f"warning: {device_map}:1:1: no devices in {device_map} (its devices list is empty)"
+
+
+def test_a_tag_without_a_value_is_one_plain_problem(tmp_path: Path) -> None:
+    """`tags: {x: null}` is one problem that says the tag has no value, not four type errors."""
+    text = "devices:\n  - dev_eui: 70b3d57ed0001234\n    sensor_id: s\n    codec: osm-v2\n    tags: {x: null}\n"
+    _, device_map = site(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_device_maps([device_map])
+    (problem,) = info.value.problems
+    assert problem.message == "devices.0.tags.x: this tag has no value (empty or null): give it one, or remove the tag"

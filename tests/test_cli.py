@@ -137,7 +137,7 @@ def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     assert proc.stdout.readline() == b"{\n"
     proc.stdout.close()  # as `head -1` does: far more than a pipe's 64 KiB is still unwritten
     stderr = proc.stderr.read().decode()
-    assert proc.wait(timeout=30) == 1
+    assert proc.wait(timeout=30) == 0  # the reader chose to stop: not an error
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
 
 

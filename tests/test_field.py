@@ -59,8 +59,8 @@ def test_dead_letters_of_a_device_fixed_by_a_reload_are_decoded_again(
     daemons: list[Daemon],
     tmp_path: Path,
 ) -> None:
-    """A device mapped with the wrong codec makes dead letters; once its entry is fixed and the
-    maps reloaded, those dead letters decode, their readings reach the cloud with their original
+    """A device mapped with the wrong codec makes dead letters, each logged with its device and
+    reason; once its entry is fixed and the maps reloaded, those dead letters decode, their readings reach the cloud with their original
     times, and they leave the dead-letter store; the reload's log line says how many."""
     wrong = "    codec: packed-samples\n    options: {ports: {1: {metric: current}}}\n"
     daemon = Daemon(tmp_path / "gw", local_broker, cloud_broker, certs, press_map(wrong))
@@ -68,10 +68,37 @@ def test_dead_letters_of_a_device_fixed_by_a_reload_are_decoded_again(
     daemon.start()
     send_press(local_broker, range(1, 6))
     daemon.wait_status(lambda s: s["dead_letters"]["total"] == 5)
+    daemon.wait_log('"event": "dead letter"')  # journalctl says which device and why, without status
+    assert '"sensor_id": "press-03-clamp"' in daemon.log_path.read_text()
     (daemon.workdir / "devices" / "site.yaml").write_text(press_map("    codec: osm-v2\n"))
     daemon.reload()
     expected = {("acme", "press-03-clamp", T0 + n * 1000, "CC1", 12000 + n, "mA") for n in range(1, 6)}
     wait_rows(reader, expected)
     daemon.wait_log('"dead_letters_decoded_again": 5')
-    report = daemon.wait_status(lambda s: s["dead_letters"]["kept_bytes"] == 0)
-    assert report["dead_letters"]["latest"] == []
+    report = daemon.wait_status(lambda s: s["devices"] and s["devices"][0]["dead_letters"] == 0)
+    letters = report["dead_letters"]
+    assert (letters["kept"], letters["kept_bytes"], letters["decoded_again"], letters["latest"]) == (0, 0, 5, [])
+
+
+def test_status_works_while_a_map_is_broken_and_a_reload_says_what_it_does_not_apply(
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """A device map broken on disk does not stop `status` (it needs gateway.yaml only); a SIGHUP
+    after gateway.yaml changed says that a reload applies device maps only, and after it broke,
+    that the next start will refuse it."""
+    daemon = Daemon(tmp_path / "gw", local_broker, cloud_broker, certs, press_map("    codec: osm-v2\n"))
+    daemons.append(daemon)
+    daemon.start()
+    (daemon.workdir / "devices" / "site.yaml").write_text("devices:\n\t- broken\n")
+    assert daemon.status()["daemon"]["running"]
+    config = daemon.config.read_text()
+    daemon.config.write_text(config.replace("max_delay: 200ms", "max_delay: 300ms"))
+    daemon.reload()
+    daemon.wait_log("gateway.yaml changed: a reload applies device maps only")
+    daemon.config.write_text(config + "\tnot: yaml\n")
+    daemon.reload()
+    daemon.wait_log("the next start will refuse it")

@@ -29,7 +29,7 @@ from gateway.config.devices import (
 )
 from gateway.config.files import buffer_path_problems, check_files
 from gateway.config.settings import Settings
-from gateway.config.suggest import did_you_mean
+from gateway.config.suggest import close_names, did_you_mean
 from gateway.config.yamlfile import YamlDocument, load_yaml
 from gateway.errors import ConfigError, Problem
 from gateway.model import DeviceKey
@@ -45,6 +45,7 @@ __all__ = [
     "examine_config",
     "load_config",
     "load_device_maps",
+    "load_settings",
 ]
 
 
@@ -108,6 +109,10 @@ def _problems_from(exc: ValidationError, doc: YamlDocument, name: str, root_mode
             line, col = doc.locate(loc)
             field = err["ctx"]["discriminator"].strip("'")
             message = f"{path}: required key {field!r} is missing"
+            given = err.get("input")
+            near = close_names(field, given) if isinstance(given, dict) else []
+            if near:  # `codex: osm-json`: the typo, not only the key it hides
+                message += f" (is {near[0]!r} a typo for {field!r}?)"
         else:
             line, col = doc.locate(loc)
             text = err["msg"].removeprefix("Value error, ") + syntax_hint(err.get("input"))
@@ -172,6 +177,14 @@ def _variant_tag(model: type[BaseModel]) -> str | None:
         if field is not None and get_origin(field.annotation) is Literal:
             return str(get_args(field.annotation)[0])
     return None
+
+
+def load_settings(path: Path | str) -> Settings:
+    """gateway.yaml alone, without its device maps (what `status` needs); `ConfigError` if bad."""
+    settings, problems = _load_settings(Path(path))
+    if settings is None:
+        raise ConfigError(problems)
+    return settings
 
 
 def _load_settings(path: Path) -> tuple[Settings | None, list[Problem]]:

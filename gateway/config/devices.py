@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, Field, WithJsonSchema, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from gateway.codecs import CODECS
 from gateway.config.types import Strict, schema_pattern
@@ -120,7 +128,13 @@ TagKey = Annotated[
     str,
     _matching(_TAG_KEY, "tag names are 1-64 ASCII letters (a-z, A-Z), digits, '_', '.', ':' or '-'"),
 ]
-TagValue = Annotated[str | int | float | bool, AfterValidator(_tag_value)]
+def _tag_given(value: Any) -> Any:
+    if value is None:
+        raise ValueError("this tag has no value (empty or null): give it one, or remove the tag")
+    return value
+
+
+TagValue = Annotated[str | int | float | bool, BeforeValidator(_tag_given), AfterValidator(_tag_value)]
 Tags = Annotated[
     dict[TagKey, TagValue],
     WithJsonSchema(
@@ -238,6 +252,12 @@ class DeviceMapFile(Strict):
         description="ChirpStack tenant (UUID) every LoRaWAN (dev_eui) device in this file must belong to.",
     )
     devices: list[DeviceEntry] = Field(default_factory=list, description="The devices.")
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _no_entries_yet(cls, value: Any) -> Any:
+        """`devices:` with nothing under it is an empty list (check warns), not a type error."""
+        return [] if value is None else value
 
 
 @dataclass(frozen=True)

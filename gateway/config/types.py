@@ -59,6 +59,18 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def _unit_hint(number: str) -> str:
+    """How to write a bare number as a size: in bytes, and the same in the largest whole unit."""
+    try:
+        n = int(float(number))
+    except ValueError:
+        return f"write e.g. {number}B, {number}KiB or {number}MiB"
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"if it is bytes, write {n}B (= {n // factor}{unit})"
+    return f"if it is bytes, write {n}B; else {n}KiB or {n}MiB"
+
+
 def parse_size(value: Any) -> int:
     """`512KiB`, `120KiB`, `1GiB`, `4096B` -> bytes.
 
@@ -78,7 +90,7 @@ def parse_size(value: Any) -> int:
     other = _SIZE_ANY_UNIT.fullmatch(text)
     if other and not other.group(2):
         n = other.group(1)
-        raise ValueError(f"size {n} has no unit: give one, e.g. {n}B, {n}KiB or {n}MiB (sizes take B, KiB, MiB, GiB)")
+        raise ValueError(f"size {n} has no unit: {_unit_hint(n)} (sizes take B, KiB, MiB, GiB)")
     meant = _SIZE_UNIT_MEANT.get(other.group(2).casefold()) if other else None
     if other and meant:
         raise ValueError(
