@@ -1542,7 +1542,7 @@ class Buffer:
                     break
         return page
 
-    def refused_uplinks(self, device: DeviceKey, after_id: int = 0, max_rows: int = 200) -> list[tuple[int, Uplink]]:
+    def refused_uplinks(self, device: DeviceKey, after_id: int = 0, max_rows: int = 50) -> list[tuple[int, Uplink]]:
         """One page of a device's dead letters that a codec refused, oldest first, with their
         whole uplinks (to decode again once the device map changed)."""
         with self._lock:

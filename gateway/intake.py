@@ -15,7 +15,8 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -38,6 +39,7 @@ MAX_GROUP_READINGS = 50_000
 #: Messages waiting for intake are bounded in bytes: past this, a source's network thread waits
 #: (the broker holds what it has not sent us; QoS 0 floods are the broker's to drop).
 MAX_QUEUED_BYTES = 32 * 1024**2
+MESSAGE_OVERHEAD = 512  # bytes of Python objects per queued message besides payload and topic
 RETRY_S = 1.0
 #: Devices no map names, or of another tenant, are logged by name the first time (up to this
 #: many); after that only a summary line every SUMMARY_EVERY_S says how many more came.
@@ -48,6 +50,15 @@ DEAD_LETTERS_NAMED = 5  # per commit group, each with its device and reason; the
 #: since start or reload, is flagged (a typo such as CCl for CC1 would otherwise pass for ever).
 OVERRIDE_FLAG_AFTER = 20
 _WAKE = object()  # queued by stop(): end the commit window now
+
+
+@dataclass(frozen=True)
+class _Reload:
+    """Queued by `use_devices`: switch to these maps between two groups."""
+
+    devices: DeviceMap
+
+
 _DEV_EUI_IN_TOPIC = re.compile(r"/device/([0-9a-fA-F]{16})/")
 
 
@@ -93,6 +104,8 @@ class Intake:
         self._stopping = threading.Event()
         self._room = threading.Condition()
         self._queued_bytes = 0
+        #: Reload work in steps of one page (`_after_reload`), done between groups.
+        self._jobs: deque[Iterator[None]] = deque()
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self.stats = IntakeStats()
         #: Called after each committed group (the service wakes its loop).
@@ -122,7 +135,7 @@ class Intake:
     def deliver(self, delivery: Delivery) -> None:
         """Called by sources from their network threads: queue the message, waiting while the
         queue holds MAX_QUEUED_BYTES already (back-pressure instead of unbounded memory)."""
-        size = len(delivery.payload)
+        size = _weight(delivery)
         with self._room:
             while self._queued_bytes > MAX_QUEUED_BYTES and not self._stopping.is_set():
                 self._room.wait(0.5)
@@ -163,14 +176,19 @@ class Intake:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                first = self._queue.get(timeout=0.2)
+                first = self._queue.get(timeout=0 if self._jobs else 0.2)
             except queue.Empty:
+                self._step_jobs()
                 continue
             if first is _WAKE:
                 continue
+            if isinstance(first, _Reload):
+                self._switch(first.devices)
+                continue
             assert isinstance(first, Delivery)
             group: list[Delivery] = [first]
-            weight = len(first.payload)
+            weight = _weight(first)
+            reload: _Reload | None = None
             window_ends = time.monotonic() + self.commit_interval_s
             while len(group) < MAX_GROUP and weight < MAX_GROUP_BYTES:
                 wait = window_ends - time.monotonic()
@@ -180,12 +198,18 @@ class Intake:
                     break
                 if item is _WAKE:
                     break
+                if isinstance(item, _Reload):
+                    reload = item  # after this group: it was taken under the maps it came with
+                    break
                 assert isinstance(item, Delivery)
                 group.append(item)
-                weight += len(item.payload)
+                weight += _weight(item)
             self._taken(weight)
             while group:  # decoded and committed in parts of at most MAX_GROUP_READINGS
                 group = self._commit(group)
+            if reload is not None:
+                self._switch(reload.devices)
+            self._step_jobs()  # reload work, one page between groups
 
     def _commit(self, group: list[Delivery]) -> list[Delivery]:
         """Decode messages of the group until MAX_GROUP_READINGS, commit and ack them; return
@@ -421,82 +445,79 @@ class Intake:
             topic=delivery.topic,
         )
 
-    def use_devices(self, devices: DeviceMap) -> int:
-        """Take new device maps (a reload): overrides are watched afresh, and the dead letters
-        of every device whose entry changed are decoded again."""
+    def use_devices(self, devices: DeviceMap) -> None:
+        """Take new device maps (a reload). Returns at once: the intake thread switches maps
+        between two groups (a group is never half old map, half new), then decodes again the
+        dead letters of every device whose entry changed and replays kept uplinks of newly
+        mapped devices, a page at a time between groups, so intake and the main loop never
+        wait for it and a stop ends it."""
+        self._queue.put(_Reload(devices))
+
+    def _switch(self, devices: DeviceMap) -> None:
+        """On the intake thread, between groups: the new maps, and the work they bring."""
         old, self.devices = self.devices, devices
         self._override_misses.clear()
         changed = [
             key for key, mapped in devices.by_key.items() if key in old.by_key and old.by_key[key].entry != mapped.entry
         ]
         for key in changed:
-            mapped = devices.by_key[key]
-            self.buffer.note_device(key, mapped.entry.sensor_id, "")  # a note about the old entry
-        return self.decode_dead_letters_again(changed) if changed else 0
+            self.buffer.note_device(key, devices.by_key[key].entry.sensor_id, "")  # a note about the old entry
+        self._jobs.clear()  # an earlier reload's unfinished work: this one redoes what is still due
+        self._jobs.append(self._after_reload(changed))
 
-    def decode_dead_letters_again(self, devices: list[DeviceKey]) -> int:
-        """Decode again, page by page, the dead letters a codec refused for these devices; those
-        that decode now are stored as readings (their original times) and leave the dead-letter
-        store. Returns how many did."""
-        decoded = tried = 0
-        for device in devices:
+    def _step_jobs(self) -> None:
+        """Do one page of reload work, if any is waiting."""
+        if not self._jobs:
+            return
+        try:
+            next(self._jobs[0])
+        except StopIteration:
+            self._jobs.popleft()
+
+    def _after_reload(self, changed: list[DeviceKey]) -> Iterator[None]:
+        """The reload's work, one page per step; its log line says how much was done."""
+        counts = {"dead_letters_decoded_again": 0, "unmapped_uplinks_replayed": 0}
+        for device in changed:
             after = 0
             while page := self.buffer.refused_uplinks(device, after_id=after):
                 after = page[-1][0]
-                tried += len(page)
-                ok = [
-                    (row_id, o)
-                    for row_id, o in ((r, resolve(u, self.devices)) for r, u in page)
-                    if isinstance(o, DecodedUplink)
-                ]
-                if not ok:
-                    continue
-                try:
-                    result = self.buffer.store([o for _, o in ok])
-                except (BufferFullError, sqlite3.OperationalError) as exc:
-                    log.warning("dead letters not decoded again: buffer refuses them", reason=str(exc))
-                    return decoded
-                done = [row_id for row_id, _ in ok[: result.taken]]
-                self.buffer.forget_dead_letters(done)
-                decoded += len(done)
-        if tried:
-            log.debug(
-                "dead letters of changed devices decoded again",
-                decoded=decoded,
-                still_dead=tried - decoded,
-                devices=len(devices),
-            )
-        return decoded
-
-    def replay_unmapped(self) -> int:
-        """Store kept uplinks whose device a map now names, page by page (never the whole
-        store in memory); return how many were replayed."""
-        total = 0
+                counts["dead_letters_decoded_again"] += self._store_page(
+                    [
+                        (r, o)
+                        for r, o in ((r, resolve(u, self.devices)) for r, u in page)
+                        if isinstance(o, DecodedUplink)
+                    ],
+                    self.buffer.forget_dead_letters,
+                )
+                yield
         after = 0
         while page := self.buffer.unmapped(after_id=after):
             after = page[-1][0]
-            replayed: list[Outcome | DeviceLog] = []
-            ids = []
-            for row_id, uplink in page:
-                outcome = resolve(uplink, self.devices)
-                if not isinstance(outcome, Unmapped):
-                    replayed.append(outcome)
-                    ids.append(row_id)
-            if not replayed:
-                continue
-            try:
-                result = self.buffer.store(replayed)
-            except (BufferFullError, sqlite3.OperationalError) as exc:
-                log.warning("replay of kept uplinks postponed to the next reload", reason=str(exc), replayed=total)
-                return total
-            done = ids[: result.taken]  # stop-intake may have taken only the first ones
-            self.buffer.forget_unmapped(done)
-            total += len(done)
-            if len(done) < len(ids):
-                break
-        if total:
-            log.info("replayed uplinks of newly mapped devices", uplinks=total)
-        return total
+            counts["unmapped_uplinks_replayed"] += self._store_page(
+                [(r, o) for r, o in ((r, resolve(u, self.devices)) for r, u in page) if not isinstance(o, Unmapped)],
+                self.buffer.forget_unmapped,
+            )
+            yield
+        log.info("device maps in use", devices=len(self.devices), **counts)
+
+    def _store_page(self, page: list[tuple[int, Outcome]], forget: Callable[[list[int]], None]) -> int:
+        """Store what a page of kept rows became under the new maps; forget the rows stored.
+        Returns how many; 0 (the rows stay for the next reload) when the buffer refuses them."""
+        if not page:
+            return 0
+        try:
+            result = self.buffer.store([o for _, o in page])
+        except (BufferFullError, sqlite3.OperationalError) as exc:
+            log.warning("kept uplinks not stored again yet: the buffer refuses them", reason=str(exc))
+            return 0
+        done = [row_id for row_id, _ in page[: result.taken]]  # stop-intake may take only the first
+        forget(done)
+        return len(done)
+
+
+def _weight(delivery: Delivery) -> int:
+    """What a queued message costs in memory: payload, topic, and the objects around them."""
+    return len(delivery.payload) + len(delivery.topic) + MESSAGE_OVERHEAD
 
 
 __all__ = ["Intake", "IntakeStats"]

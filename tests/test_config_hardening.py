@@ -340,7 +340,7 @@ def test_nested_aliases_that_expand_to_billions_are_refused_at_once(tmp_path: Pa
     path = tmp_path / "laughs.yaml"
     path.write_text("\n".join(levels) + "\ndevices: *h\n")
     started = time.monotonic()
-    with pytest.raises(ConfigError, match="expand to more than 200,000 values"):
+    with pytest.raises(ConfigError, match="with anchors and aliases expanded, are more than 50,000"):
         load_device_maps([path])
     assert time.monotonic() - started < 5
 
@@ -358,3 +358,16 @@ def test_a_config_that_is_not_a_regular_file_or_is_huge_is_refused(
     big.write_text("# padding\n" * 600_000)
     assert main(["check", "-c", str(big)]) == 1
     assert "file is larger than 4 MiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("depth", [40, 300, 3000])
+def test_a_deeply_nested_file_is_a_problem_not_a_crash(tmp_path: Path, depth: int) -> None:
+    """`x: [[[...]]]` nested hundreds deep (the parser recurses) is a problem at line 1, never a
+    RecursionError out of check, run, status or a reload."""
+    from gateway.config import load_device_maps
+    from gateway.errors import ConfigError
+
+    path = tmp_path / "deep.yaml"
+    path.write_text("devices: []\nx: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(ConfigError, match="nests deeper than 32 levels"):
+        load_device_maps([path])

@@ -347,3 +347,29 @@ def test_a_flood_of_big_bad_messages_keeps_the_buffer_file_near_max_size(
     on_disk = sum(f.stat().st_size for f in files if f.exists())
     assert on_disk < (4 + 6 + 3 * 4) * 1024**2, on_disk
     assert report["dead_letters"]["kept_bytes"] <= 4 * 1024**2 // 10 + 200_001
+
+
+def test_a_qos0_flood_of_empty_payloads_on_long_topics_keeps_memory_bounded(
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    daemons: list[Daemon],
+    tmp_path: Path,
+) -> None:
+    """While the buffer refuses intake, 6,000 QoS 0 messages with empty payloads on 32 KB topics
+    (QoS 0 is not held back by Receive Maximum): the intake queue counts topics and per-message
+    overhead too, so the source waits and memory stays bounded."""
+    daemon = make_daemon(
+        tmp_path, local_broker, cloud_broker, certs, daemons, buffer_yaml="when_full: stop-intake, max_size: 1KiB"
+    )
+    cloud_broker.stop()
+    daemon.start()
+    assert daemon.process is not None
+    send_uplinks(local_broker, range(1, 40))  # fills the 1 KiB: intake holds from here
+    daemon.wait_log("buffer refuses intake")
+    long_topic = "application/" + "y" * 32_000 + f"/device/{dev_eui(0)}/event/up"
+    with publishing(local_broker) as send:
+        for _ in range(6000):
+            send(long_topic, b"", qos=0)
+    assert peak_rss_mib(daemon.process.pid) < 150
+    assert daemon.process.poll() is None

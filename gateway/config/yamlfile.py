@@ -76,21 +76,29 @@ def _keep_identifier_text(node: Any, lines: list[str]) -> None:
 #: can never be held for long by a file: /dev/zero, or a few lines of nested aliases that expand
 #: to billions of values ("billion laughs").
 MAX_FILE_BYTES = 4 * 1024**2
-MAX_VALUES = 200_000
+MAX_VALUES = 50_000  # a map of 1,000 devices holds about 15,000
+MAX_DEPTH = 32  # a device map nests 5 levels deep
 
 
-def _expanded_size(root: Any) -> int:
-    """How many values the document holds with every alias expanded, counted up to MAX_VALUES + 1."""
+def _too_big(root: Any) -> str | None:
+    """Why the document is too big once its aliases are expanded (values, nesting), or None."""
     count = 0
-    stack = [root]
-    while stack and count <= MAX_VALUES:
-        node = stack.pop()
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
         count += 1
+        if count > MAX_VALUES:
+            return (
+                f"its values, with anchors and aliases expanded, are more than {MAX_VALUES:,}; "
+                "write the entries out (or use fewer nested aliases)"
+            )
+        if depth > MAX_DEPTH:
+            return f"it nests deeper than {MAX_DEPTH} levels"
         if isinstance(node, dict):
-            stack.extend(node.values())
+            stack.extend((child, depth + 1) for child in node.values())
         elif isinstance(node, list):
-            stack.extend(node)
-    return count
+            stack.extend((child, depth + 1) for child in node)
+    return None
 
 
 def load_yaml(path: Path, display: str | None = None) -> YamlDocument:
@@ -118,19 +126,12 @@ def load_yaml(path: Path, display: str | None = None) -> YamlDocument:
         raise ConfigError([Problem(name, line, col, f"YAML: {what}")]) from None
     except YAMLError as exc:
         raise ConfigError([Problem(name, 1, 1, f"YAML: {exc}")]) from None
+    except RecursionError:  # ruamel parses nesting recursively: [[[[...]]]] hundreds deep
+        raise ConfigError([Problem(name, 1, 1, f"YAML: it nests deeper than {MAX_DEPTH} levels")]) from None
     if root is None:
         root = CommentedMap()
-    if _expanded_size(root) > MAX_VALUES:
-        raise ConfigError(
-            [
-                Problem(
-                    name,
-                    1,
-                    1,
-                    f"YAML: its anchors and aliases expand to more than {MAX_VALUES:,} values; "
-                    "write the entries out (or use fewer nested aliases)",
-                )
-            ]
-        )
+    unwieldy = _too_big(root)
+    if unwieldy is not None:
+        raise ConfigError([Problem(name, 1, 1, f"YAML: {unwieldy}")])
     _keep_identifier_text(root, text.splitlines())
     return YamlDocument(path=path, root=root)
