@@ -60,8 +60,9 @@ def test_dead_letters_of_a_device_fixed_by_a_reload_are_decoded_again(
     tmp_path: Path,
 ) -> None:
     """A device mapped with the wrong codec makes dead letters, each logged with its device and
-    reason; once its entry is fixed and the maps reloaded, those dead letters decode, their readings reach the cloud with their original
-    times, and they leave the dead-letter store; the reload's log line says how many."""
+    reason; once its entry is fixed and the maps reloaded, those dead letters decode, their
+    readings reach the cloud with their original times, and they leave the dead-letter store;
+    the reload's log line says how many."""
     wrong = "    codec: packed-samples\n    options: {ports: {1: {metric: current}}}\n"
     daemon = Daemon(tmp_path / "gw", local_broker, cloud_broker, certs, press_map(wrong))
     daemons.append(daemon)
