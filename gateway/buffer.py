@@ -487,7 +487,7 @@ class Buffer:
     ) -> None:
         self.path = Path(path)
         self._ids = (gateway_id, tenant_id, site_id)
-        self.max_bytes = max_bytes  # lowered by the service when the link refuses a message as too large
+        self.max_bytes = max_bytes  # lowered by the dispatcher when the link refuses a message as too large
         self._configured_max_bytes = max_bytes
         self.gzip = gzip
         self.max_size = max_size

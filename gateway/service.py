@@ -1,17 +1,13 @@
-"""The daemon: wires sources -> intake -> buffer -> batches -> cloud, and runs the main loop.
+"""The daemon: wires sources -> intake -> buffer -> dispatcher -> cloud, and runs the main loop.
 
 Signal handlers only set flags (STYLE point 10); stopping, reloading, publishing, bounds and
-systemd notifications all happen in the main loop, in this order of priority:
-
-1. publish results: confirm accepted batches, keep and back off on refused ones;
-2. live readings first: a live batch is formed when a reading has waited `max_delay` or the
-   live readings fill a message;
-3. the backlog drains oldest first in the in-flight slots left, one slot always kept for live.
+systemd notifications all happen in the main loop. Each turn settles publish results, forms
+and sends what is due (the dispatcher: live first, then the backlog oldest first), then keeps
+the bounds, the status line and the watchdog.
 """
 
 from __future__ import annotations
 
-import queue
 import signal
 import sqlite3
 import threading
@@ -30,13 +26,12 @@ from gateway.buffer import (
     mark_damaged,
     now_ms,
 )
-from gateway.cloud import CONNECTION_REFUSALS, Publisher, PublishResult
-from gateway.cloud.directory import DirectoryPublisher
+from gateway.cloud import Publisher, build_publisher
 from gateway.config import Config, ConfigError, device_map_files, load_device_maps, load_settings
-from gateway.config.settings import DirectoryCloud, Settings
+from gateway.config.settings import Settings
+from gateway.dispatch import Dispatcher
 from gateway.errors import BufferLostError
 from gateway.intake import Intake
-from gateway.model import Batch
 from gateway.sources import RunningSource, build_sources, source_name
 from gateway.systemd import Notifier
 
@@ -45,13 +40,6 @@ log = structlog.get_logger("gateway.service")
 STOP_BUDGET_S = 5.0
 BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
-MAX_BACKOFF_S = 60.0
-#: The smallest batch.max_bytes a too-large refusal may teach the buffer when the link did not
-#: announce its limit: the least the config allows, since intake also measures uplinks against
-#: it. A link that takes less still gets everything, by splitting each batch it refuses.
-MIN_LEARNT_MAX_BYTES = 4096
-#: The smallest part a refused batch is split into (bytes of message).
-MIN_SPLIT_BYTES = 256
 SOURCES_READY_TIMEOUT_S = 10.0
 #: A worker thread died of an exception nothing expected: systemd restarts the daemon.
 EXIT_WORKER_DIED = 1
@@ -82,16 +70,6 @@ def open_buffer(settings: Settings) -> Buffer:
     )
 
 
-def build_publisher(settings: Settings) -> Publisher:
-    """The cloud gateway.yaml names."""
-    cloud = settings.cloud
-    if isinstance(cloud, DirectoryCloud):
-        return DirectoryPublisher(cloud.directory)
-    from gateway.cloud.iot_core import IotCorePublisher
-
-    return IotCorePublisher(cloud, client_id=settings.gateway.id, topic=cloud.topic_for(settings.gateway))
-
-
 class Service:
     """One running gateway."""
 
@@ -120,26 +98,17 @@ class Service:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._results: queue.Queue[tuple[int, PublishResult]] = queue.Queue()
-        self._in_flight: dict[int, Batch] = {}
-        #: Formed batches not in flight (seq -> not before, monotonic): unconfirmed at the last
-        #: stop, refused, or packed from a long backlog. Payloads stay on disk until sent.
-        self._outbox: dict[int, float] = {}
-        self._epoch = -1
-        #: Batches that failed (seq -> failed attempts, not before (monotonic)): each backs off
-        #: alone, and is not sent again before its time whoever asks (`_send`).
-        self._retries: dict[int, tuple[int, float]] = {}
-        #: Refusals in a row that concern the whole connection (CONNECTION_REFUSALS): the pause.
-        self._link_refusals = 0
-        #: The largest message the cloud accepted: a refusal of a smaller one is not for its size.
-        self._largest_accepted = 0
-        self._paused_until = 0.0
-        self._max_delay_s = s.batch.max_delay
+        self.dispatcher = Dispatcher(
+            self.buffer,
+            self.publisher,
+            max_in_flight=s.cloud.max_in_flight,
+            max_delay_s=s.batch.max_delay,
+            on_result=self._wake.set,
+        )
         self.intake.on_commit = self._wake.set
         self.intake.on_damage = self._on_damage
         self.intake.on_lost = self._on_lost
         self.intake.on_died = self._wake.set
-        self.published_batches = 0
         self.stopped = threading.Event()
         #: What `run` should exit with: 0, or EXIT_BUFFER_DAMAGED.
         self.exit_code = 0
@@ -148,6 +117,11 @@ class Service:
         self._disk_trouble: str | None = None
         #: Wall-clock step seen last (seconds, + forward), for the bound that drops by age.
         self._clock_jump_s: float | None = None
+
+    @property
+    def published_batches(self) -> int:
+        """Batches the cloud accepted since start."""
+        return self.dispatcher.published_batches
 
     # ---- control (any thread, signal handlers) ---------------------------------------------
 
@@ -214,8 +188,7 @@ class Service:
                 moved_to=str(recovered.moved_to),
                 reason=recovered.reason,
             )
-        for seq in self.buffer.pending_seqs():
-            self._outbox[seq] = 0.0  # formed before the last stop: sent again, same bytes
+        unsent = self.dispatcher.restore()  # formed before the last stop: sent again, same bytes
         self.publisher.start()
         self.intake.start()
         for source in self.sources:
@@ -245,7 +218,7 @@ class Service:
             devices=len(self.config.devices),
             sources=[src.name for src in self.sources],
             backlog_readings=depth.total_readings,
-            unsent_batches=len(self._outbox),
+            unsent_batches=unsent,
         )
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
         if not self.buffer.checked_at_open:
@@ -276,10 +249,9 @@ class Service:
                 except Exception:  # a reload must never stop a running gateway
                     log.exception("reload failed; keeping the running maps")
             try:
-                self._collect_results()
-                for seq in self.buffer.compact():
-                    self._outbox[seq] = 0.0
-                self._publish_due()
+                self.dispatcher.collect_results()
+                self.dispatcher.compact()
+                self.dispatcher.publish_due()
                 if now >= next_bounds:
                     next_bounds = now + BOUNDS_EVERY_S
                     self._enforce_bounds()
@@ -325,7 +297,7 @@ class Service:
                 error=str(exc),
                 path=str(self.buffer.path),
             )
-        self._paused_until = time.monotonic() + 1.0
+        self.dispatcher.pause(1.0)
 
     def _stop_intake_and_sources(self) -> None:
         """Intake first (it finishes and acks the group it is committing), then the sources;
@@ -399,176 +371,8 @@ class Service:
             self.exit_code = EXIT_STORAGE_FAILED
         self.stopped.set()
 
-    def _publish_due(self) -> None:
-        if not self.publisher.connected:
-            return
-        if self.publisher.epoch != self._epoch:
-            # A new connection: what is stored now is backlog; what arrives from now is live.
-            self._epoch = self.publisher.epoch
-            self.buffer.mark_live()
-        now = time.monotonic()
-        if now < self._paused_until:
-            return
-        limit = self.settings.cloud.max_in_flight
-        if len(self._in_flight) < limit and self.buffer.live_due(self._max_delay_s):
-            while len(self._in_flight) < limit:
-                batch = self.buffer.take(live=True)
-                if batch is None:
-                    break
-                self._send(batch)
-                if not self.buffer.live_due(self._max_delay_s):
-                    break
-        # The backlog, oldest first, may use all but one slot, so live readings never queue
-        # behind it: formed batches first (same bytes again), then unbatched backlog uplinks.
-        backlog_slots = max(1, limit - 1)
-        for seq in sorted(self._outbox):
-            if len(self._in_flight) >= backlog_slots:
-                return
-            if self._outbox[seq] <= now:
-                del self._outbox[seq]
-                formed = self.buffer.batch(seq)
-                if formed is not None:  # None: dropped by a bound meanwhile
-                    self._send(formed)
-        while len(self._in_flight) < backlog_slots and self.buffer.depth(live=False).uplinks > 0:
-            batch = self.buffer.take(live=False)
-            if batch is None:
-                break
-            self._send(batch)
-
-    def _send(self, batch: Batch) -> None:
-        retry_at = self._retries.get(batch.seq, (0, 0.0))[1]
-        if retry_at > time.monotonic():
-            self._outbox[batch.seq] = retry_at  # still backing off: back to the outbox, unsent
-            return
-        self._in_flight[batch.seq] = batch
-        self.publisher.publish(batch, self._on_published)
-
-    def _on_published(self, seq: int, result: PublishResult) -> None:
-        """Publisher threads: hand the result to the main loop."""
-        self._results.put((seq, result))
-        self._wake.set()
-
-    def _collect_results(self) -> None:
-        while True:
-            try:
-                seq, result = self._results.get_nowait()
-            except queue.Empty:
-                break
-            batch = self._in_flight.pop(seq, None)
-            if batch is None:
-                continue
-            if result.ok:
-                try:
-                    self.buffer.confirm(seq)
-                except sqlite3.DatabaseError:
-                    # Not confirmed yet (disk full, ...): keep it in flight and try again later.
-                    self._in_flight[seq] = batch
-                    self._results.put((seq, result))
-                    raise
-                self.published_batches += 1
-                self._retries.pop(seq, None)
-                self._link_refusals = 0
-                self._largest_accepted = max(self._largest_accepted, len(batch.payload))
-                log.debug("batch published", batch_id=batch.batch_id, readings=batch.readings, bytes=len(batch.payload))
-                continue
-            self._refused(batch, result)
-        # Batches a bound dropped while they waited (neither queued nor in flight): forgotten.
-        for seq in [s for s in self._retries if s not in self._outbox and s not in self._in_flight]:
-            del self._retries[seq]
-
-    def _refused(self, batch: Batch, result: PublishResult) -> None:
-        """A batch the cloud did not take: split if too large, else retried after its own backoff.
-
-        Only refusals that concern the connection (0x87, 0x97) pause all publishing; any other
-        is this batch's, so one poisoned batch neither stops the rest nor is retried faster
-        because others succeed. A batch that keeps failing is logged as a warning at attempts
-        1, 2, 4, 8, ... and at debug otherwise, so it cannot flood the journal.
-        """
-        seq, size, now = batch.seq, len(batch.payload), time.monotonic()
-        # Split a batch of many readings at once (it costs nothing); give up on one reading only
-        # when the link's limit is known, or smaller messages are seen to pass.
-        too_large = result.too_large and size > self._largest_accepted
-        certain = result.limit is not None or self._largest_accepted > 0
-        if too_large and (batch.readings > 1 or certain):
-            self._split(batch, result)
-            return
-        if result.reason_code is None and not result.too_large and not self.publisher.connected:
-            # Lost with the connection (the disconnect is logged): sent again once it is back.
-            self._outbox[seq] = now
-            self.buffer.count("publish_failed")
-            log.debug("batch lost with the connection; sent again when it is back", batch_id=batch.batch_id)
-            return
-        attempts = self._retries.get(seq, (0, 0.0))[0] + 1
-        backoff = min(MAX_BACKOFF_S, 2.0 ** min(attempts, 6))
-        self._retries[seq] = (attempts, now + backoff)
-        self._outbox[seq] = now + backoff
-        fields: dict[str, object] = {}
-        if result.reason_code is not None:
-            self.buffer.count(f"puback_refused_{result.reason_code:#04x}")
-            if result.reason_code in CONNECTION_REFUSALS:
-                # Not authorized / quota exceeded: every batch would meet it; pause them all.
-                self._link_refusals += 1
-                pause = min(MAX_BACKOFF_S, 2.0 ** min(self._link_refusals, 6))
-                self._paused_until = max(self._paused_until, now + pause)
-                fields["publishing_paused_s"] = pause
-        else:
-            self.buffer.count("publish_failed_too_large" if too_large else "publish_failed")
-        tell = log.warning if attempts & (attempts - 1) == 0 else log.debug
-        tell(
-            "batch not accepted; kept for retry",
-            batch_id=batch.batch_id,
-            reason=str(result),
-            bytes=size,
-            attempt=attempts,
-            retry_in_s=backoff,
-            **fields,
-        )
-
-    def _split(self, batch: Batch, result: PublishResult) -> None:
-        """A batch too large for the link: batches form smaller from now, and this one is
-        replaced by smaller ones (or, one reading no message can carry, by a dead letter)."""
-        size = len(batch.payload)
-        guess = result.limit if result.limit is not None else max(size // 2, self._largest_accepted)
-        fits = max(MIN_SPLIT_BYTES, min(guess, size - 1, self.buffer.max_bytes))
-        # A limit the broker announced is the link's; a guess is kept from going below the config's.
-        learnt = fits if result.limit is not None else max(MIN_LEARNT_MAX_BYTES, fits)
-        if learnt < self.buffer.max_bytes:
-            log.info("the cloud takes smaller messages: batches are formed smaller", max_bytes=learnt)
-            self.buffer.max_bytes = learnt
-        reason = f"too large to publish: a message of {size} bytes holding only this reading was refused ({result})"
-        try:
-            seqs, dead = self.buffer.split(batch.seq, fits, reason=reason)
-        except sqlite3.DatabaseError:
-            self._in_flight[batch.seq] = batch  # as for a confirm: handled again later
-            self._results.put((batch.seq, result))
-            raise
-        self._retries.pop(batch.seq, None)
-        if not seqs and not dead:
-            return  # dropped by a bound meanwhile
-        self.buffer.count("publish_failed_too_large")
-        for seq in seqs:
-            self._outbox[seq] = 0.0
-        if dead:
-            log.error(
-                "reading too large for any message the cloud takes: moved to dead letters",
-                batch_id=batch.batch_id,
-                bytes=size,
-                readings=dead,
-                reason=str(result),
-            )
-        else:
-            log.warning(
-                "batch refused as too large; split into smaller batches",
-                batch_id=batch.batch_id,
-                bytes=size,
-                readings=batch.readings,
-                parts=len(seqs),
-                max_bytes=fits,
-                reason=str(result),
-            )
-
     def _enforce_bounds(self) -> None:
-        gap = self.buffer.enforce_bounds(in_flight=list(self._in_flight))
+        gap = self.buffer.enforce_bounds(in_flight=self.dispatcher.in_flight_seqs())
         if gap is not None:
             fields = gap.log_fields()
             if self._clock_jump_s is not None and "max_age" in gap.reasons:
@@ -617,7 +421,7 @@ class Service:
         cloud = "connected" if self.publisher.connected else "disconnected"
         line = (
             f"cloud {cloud}; backlog {depth.total_readings} readings; "
-            f"{self.intake.stats.uplinks} uplinks in; {self.published_batches} batches out"
+            f"{self.intake.stats.uplinks} uplinks in; {self.dispatcher.published_batches} batches out"
         )
         if self.intake.stats.blocked or self._disk_trouble:
             line += f"; INTAKE HELD ({self._disk_trouble or 'buffer full'})"
@@ -631,38 +435,15 @@ class Service:
         log.info("stopping: intake first, then flushing what is committed")
         self._stop_intake_and_sources()
         try:
-            self._flush(deadline)
+            self.dispatcher.flush(deadline)
         except sqlite3.DatabaseError as exc:
             log.error("cannot flush the buffer while stopping; unsent readings stay stored", error=str(exc))
         self.publisher.stop(timeout_s=max(0.1, deadline - time.monotonic()))
         try:
-            self._collect_results()
+            self.dispatcher.collect_results()
         except sqlite3.DatabaseError as exc:
             log.error("cannot confirm the last batches; they are sent again at the next start", error=str(exc))
         depth = self.buffer.depth()
         self.buffer.close()
         log.info("stopped", unsent_readings=depth.total_readings, at_ms=now_ms())
         self.stopped.set()
-
-    def _flush(self, deadline: float) -> None:
-        """Stopping: everything committed goes out now, if the cloud is there to take it."""
-        while time.monotonic() < deadline - 1.0:
-            self._collect_results()
-            if self.publisher.connected and time.monotonic() >= self._paused_until:
-                now = time.monotonic()
-                for seq in sorted(self._outbox):
-                    if len(self._in_flight) < self.settings.cloud.max_in_flight and self._outbox[seq] <= now:
-                        del self._outbox[seq]
-                        formed = self.buffer.batch(seq)
-                        if formed is not None:
-                            self._send(formed)
-                while len(self._in_flight) < self.settings.cloud.max_in_flight:
-                    batch = self.buffer.take(live=True) or self.buffer.take(live=False)
-                    if batch is None:
-                        break
-                    self._send(batch)
-            if not self._in_flight and (not self.publisher.connected or self.buffer.depth().uplinks == 0):
-                break
-            self._wake.wait(0.05)
-            self._wake.clear()
-        self._collect_results()

@@ -1,5 +1,6 @@
 """Publishing under refusals (issue 8): a PUBACK the client cannot read, a batch too large for the
-link, a reading too large for any message, and one batch that keeps failing among good ones.
+link, and a reading too large for any message. (One batch that keeps failing among good ones:
+tests/test_dispatch.py, against a Publisher double.)
 
 The link's size limit comes from a real Mosquitto. With `message_size_limit` it answers a QoS 1
 message over the limit with PUBACK reason 0x95 (packet too large; its log says "Sending PUBACK
@@ -14,23 +15,18 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
-from gateway import service as service_module
 from gateway import wire
 from gateway.buffer import Buffer, now_ms
-from gateway.cloud import Done, PublishResult
+from gateway.cloud import PublishResult
 from gateway.cloud.iot_core import IotCorePublisher
-from gateway.config import load_config
 from gateway.config.settings import IotCoreCloud
 from gateway.model import Batch, DecodedUplink, DeviceKey, Reading
-from gateway.service import Service
 from gateway.status import read_status
 from tests.chirpstack import encode, topic, uplink_event
 from tests.support.brokers import Mosquitto, ReceivedMessage, ServerTLS, Subscriber, publishing
@@ -374,162 +370,3 @@ def test_a_reading_too_large_for_any_message_becomes_a_dead_letter(
     assert report["counters"]["too_large_readings"] == 1
     assert not arrived(2)
     daemon.wait_log("reading too large for any message the cloud takes: moved to dead letters")
-
-
-# ---- per-batch backoff, with a Publisher double ---------------------------------------
-
-
-@dataclass
-class Attempt:
-    """One publish the double saw."""
-
-    at: float
-    seq: int
-    ok: bool
-
-
-class RefusingPublisher:
-    """A Publisher (gateway.cloud's protocol, the service's injection point) that refuses the
-    batches named in `refuse` with a reason code and accepts all others at once. A test double:
-    a real broker will not refuse one batch and accept the next on demand."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.refuse: dict[int, int] = {}  # seq -> PUBACK reason code
-        self.refuse_all: int | None = None
-        self.attempts: list[Attempt] = []
-        self.changed = threading.Condition()
-
-    def start(self) -> None:
-        self.epoch += 1
-
-    def stop(self, timeout_s: float) -> None:
-        pass
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def publish(self, batch: Batch, done: Done) -> None:
-        code = self.refuse_all if self.refuse_all is not None else self.refuse.get(batch.seq)
-        with self.changed:
-            self.attempts.append(Attempt(time.monotonic(), batch.seq, code is None))
-            self.changed.notify_all()
-        done(batch.seq, PublishResult(True, 0) if code is None else PublishResult(False, code, "refused by the test"))
-
-    def of(self, seq: int) -> list[Attempt]:
-        with self.changed:
-            return [a for a in self.attempts if a.seq == seq]
-
-    def wait(self, predicate: Any, timeout: float) -> None:
-        with self.changed:
-            assert self.changed.wait_for(predicate, timeout), self.attempts[-20:]
-
-
-def service_site(where: Path) -> Path:
-    """gateway.yaml for a Service run in-process: a directory cloud (replaced by the double)."""
-    (where / "devices").mkdir(exist_ok=True)
-    (where / "devices" / "a.yaml").write_text("devices: []\n")
-    cfg = where / "gateway.yaml"
-    cfg.write_text(
-        "gateway: {id: gw-t-01, tenant_id: acme, site_id: leeds}\n"
-        "sources: [{kind: chirpstack}]\n"
-        "cloud: {kind: directory, directory: out}\n"
-        "buffer: {path: buffer.db}\n"
-        "batch: {max_delay: 100ms, compression: none}\n"
-    )
-    return cfg
-
-
-Poisoned = tuple[Service, RefusingPublisher, int]
-
-
-@pytest.fixture
-def poisoned(tmp_path: Path) -> Iterator[Callable[[], Poisoned]]:
-    """Starts, when called, a Service whose buffer holds one formed batch (the poisoned one)
-    from before its start, with a feeder storing a live uplink every 100 ms so that other
-    batches keep succeeding; returns the service, the double and the poisoned batch's seq."""
-    cfg = service_site(tmp_path)
-    b = Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds", gzip=False)
-    b.store([uplink(1, 2, received_ms=now_ms())])
-    formed = b.take(live=True)
-    assert formed is not None
-    b.close()
-    publisher = RefusingPublisher()
-    publisher.refuse[formed.seq] = 0x99  # payload format invalid: this batch's own fault
-    service = Service(load_config(cfg), publisher=publisher, sources=[])
-    stop = threading.Event()
-
-    def feed() -> None:
-        n = 100
-        while not stop.wait(0.1):
-            service.buffer.store([uplink(n, 1, received_ms=now_ms())])
-            n += 1
-
-    runner = threading.Thread(target=service.run, name="service")
-    feeder = threading.Thread(target=feed, name="feeder")
-
-    def start() -> Poisoned:
-        runner.start()
-        feeder.start()
-        return service, publisher, formed.seq
-
-    try:
-        yield start
-    finally:
-        stop.set()
-        if feeder.is_alive():
-            feeder.join(5)
-        service.request_stop()
-        if runner.is_alive():
-            runner.join(15)
-        else:
-            service.buffer.close()
-
-
-def test_a_failing_batch_backs_off_on_its_own_while_others_succeed(poisoned: Callable[[], Poisoned]) -> None:
-    """A batch refused again and again (0x99) backs off exponentially on its own (2 s, then
-    4 s) although other batches succeed in between, and its refusal pauses nobody else; only a
-    refusal concerning the connection (0x97 quota exceeded) pauses all publishing."""
-    service, publisher, seq = poisoned()
-    publisher.wait(lambda: len(publisher.of(seq)) >= 3, timeout=20)
-    first, second, third = publisher.of(seq)[:3]
-    others = [a for a in publisher.attempts if a.seq != seq and a.ok]
-    # (Batches formed in the turn that sent it may go before its refusal is read: look later.)
-    assert any(first.at + 0.5 < a.at < first.at + 1.5 for a in others), "a batch's own refusal paused everyone"
-    assert any(second.at < a.at < third.at for a in others), "no success between the retries"
-    assert second.at - first.at >= 1.9
-    assert third.at - second.at >= 3.9, "another batch's success reset the failing batch's backoff"
-
-    publisher.refuse_all = 0x97
-    count = len(publisher.attempts)
-    publisher.wait(lambda: len(publisher.attempts) > count, timeout=5)
-    refused_at = publisher.attempts[count].at
-    # The batches sent in the same turn of the main loop are refused too; then nothing is
-    # published until the pause is over.
-    publisher.wait(lambda: publisher.attempts[-1].at > refused_at + 0.2, timeout=10)
-    resumed = min(a.at for a in publisher.attempts if a.at > refused_at + 0.2)
-    publisher.refuse_all = None
-    assert resumed - refused_at >= 1.9, "quota exceeded must pause all publishing"
-    counters = read_status(service.buffer.path)["counters"]
-    assert counters["puback_refused_0x99"] >= 3 and counters["puback_refused_0x97"] >= 1
-
-
-def test_a_batch_that_keeps_failing_is_logged_as_a_warning_only_at_attempts_1_2_4_8(
-    poisoned: Callable[[], Poisoned], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Retried quickly (MAX_BACKOFF_S made tiny), a batch refused 17 times is logged as a warning
-    at attempts 1, 2, 4, 8 and 16 only (debug otherwise), so a stuck batch cannot flood the
-    journal."""
-    monkeypatch.setattr(service_module, "MAX_BACKOFF_S", 0.01)
-    with capture_logs() as logs:
-        _, publisher, seq = poisoned()
-        publisher.wait(lambda: len(publisher.of(seq)) >= 18, timeout=30)  # 17 refusals handled
-        warned = [
-            e.get("attempt")
-            for e in list(logs)
-            if e["event"] == "batch not accepted; kept for retry"
-            and e["batch_id"].endswith(f"{seq:012d}")
-            and e["log_level"] == "warning"
-        ]
-    assert warned == [1, 2, 4, 8, 16]

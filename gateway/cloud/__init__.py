@@ -1,7 +1,8 @@
 """Where batches go: AWS IoT Core (MQTT 5, mTLS) or a directory of files.
 
 A publisher takes a `Batch` and later calls `done(seq, PublishResult)` from any thread; the
-service confirms the batch in the buffer only when the result is a success.
+dispatcher (gateway.dispatch) confirms the batch in the buffer only when the result is a success.
+`build_publisher` makes the one gateway.yaml names.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.config.settings import DirectoryCloud, Settings
 from gateway.model import Batch
 
 #: PUBACK reason codes that mean the message was accepted: 0x00 success, and 0x10 "no
@@ -48,9 +50,9 @@ Done = Callable[[int, PublishResult], None]
 
 
 class Publisher(Protocol):
-    """What the service needs of a cloud."""
+    """What the dispatcher needs of a cloud."""
 
-    #: Incremented on every (re)connection, so the service can tell backlog from live.
+    #: Incremented on every (re)connection, so the dispatcher can tell backlog from live.
     epoch: int
 
     def start(self) -> None:
@@ -65,3 +67,15 @@ class Publisher(Protocol):
 
     def publish(self, batch: Batch, done: Done) -> None:
         """Publish one batch; `done` is called exactly once with the outcome."""
+
+
+def build_publisher(settings: Settings) -> Publisher:
+    """The cloud gateway.yaml names (awscrt is imported only for IoT Core)."""
+    cloud = settings.cloud
+    if isinstance(cloud, DirectoryCloud):
+        from gateway.cloud.directory import DirectoryPublisher
+
+        return DirectoryPublisher(cloud.directory)
+    from gateway.cloud.iot_core import IotCorePublisher
+
+    return IotCorePublisher(cloud, client_id=settings.gateway.id, topic=cloud.topic_for(settings.gateway))
