@@ -352,7 +352,6 @@ class Depth:
     batches: int = 0
     batch_readings: int = 0
     batch_bytes: int = 0
-    oldest_ms: int | None = None
     #: Live only: when (monotonic seconds) the oldest live uplink was stored. Scheduling uses
     #: this, never wall time, so a clock step cannot hold back or rush live readings.
     since: float | None = None
@@ -761,10 +760,7 @@ class Buffer:
         devices = self._device_stats
 
         def dev(key: DeviceKey, sensor_id: str | None, at: int) -> dict[str, Any]:
-            d = devices.setdefault(
-                str(key),
-                {"sensor_id": sensor_id, "last": at, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
-            )
+            d = self._device_counts(str(key), sensor_id)
             d["last"] = max(d["last"], at)
             d["sensor_id"] = sensor_id or d["sensor_id"]
             return d
@@ -818,7 +814,6 @@ class Buffer:
                         self._live.readings += len(o.readings)
                         self._live.bytes += size
                         if self._live.since is None:
-                            self._live.oldest_ms = o.received_ms
                             self._live.since = time.monotonic()
                         result.stored += 1
                         result.readings += len(o.readings)
@@ -1001,14 +996,6 @@ class Buffer:
                 )
             return total
 
-    def oldest_ms(self) -> int | None:
-        """Receive time of the oldest reading not yet confirmed."""
-        with self._lock:
-            u = self._db.execute("SELECT received_ms FROM uplinks ORDER BY id LIMIT 1").fetchone()
-            b = self._db.execute("SELECT min(oldest_ms) FROM batches").fetchone()
-            times = [x for x in (u[0] if u else None, b[0] if b else None) if x is not None]
-            return min(times) if times else None
-
     def live_due(self, max_delay_s: float, at: float | None = None) -> bool:
         """True when live readings should go now: one has waited max_delay or they fill a message.
 
@@ -1035,7 +1022,6 @@ class Buffer:
         nxt = self._db.execute(
             "SELECT received_ms FROM uplinks WHERE id >= ? ORDER BY id LIMIT 1", (self.live_from,)
         ).fetchone()
-        live.oldest_ms = nxt[0] if nxt else None
         if nxt is None:
             live.since = None
             return
@@ -1382,11 +1368,14 @@ class Buffer:
         """Record what intake noticed about a device (shown by `status`); "" clears it.
         Written with the next heartbeat, like the device counters."""
         with self._lock:
-            d = self._device_stats.setdefault(
-                str(device),
-                {"sensor_id": sensor_id, "last": 0, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
-            )
-            d["note"] = note
+            self._device_counts(str(device), sensor_id)["note"] = note
+
+    def _device_counts(self, device: str, sensor_id: str | None) -> dict[str, Any]:
+        """The counters of one device gathered since the last heartbeat (`_flush_device_stats`)."""
+        return self._device_stats.setdefault(
+            device,
+            {"sensor_id": sensor_id, "last": 0, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
+        )
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to a persistent counter (publish failures by reason code, ...)."""
@@ -1566,19 +1555,7 @@ class Buffer:
                     self._totals["dead_letter_bytes"] -= row[0]
                     gone += 1
                     if row[1] is not None:  # the device's count is of letters still dead
-                        d = self._device_stats.setdefault(
-                            row[1],
-                            {
-                                "sensor_id": row[2],
-                                "last": 0,
-                                "up": 0,
-                                "rd": 0,
-                                "dl": 0,
-                                "log": 0,
-                                "lastlog": None,
-                                "ft": 0,
-                            },
-                        )
+                        d = self._device_counts(row[1], row[2])
                         d["dl"] -= 1
             if gone:
                 self._count("dead_letters_decoded_again", gone)
