@@ -29,66 +29,12 @@ from gateway.config.settings import IotCoreCloud
 from gateway.model import Batch, DecodedUplink, DeviceKey, Reading
 from gateway.status import read_status
 from tests.chirpstack import encode, topic, uplink_event
-from tests.support.brokers import Mosquitto, ReceivedMessage, ServerTLS, Subscriber, publishing
+from tests.support.brokers import Mosquitto, ServerTLS, Subscriber, publishing
 from tests.support.certs import TestCerts
 from tests.support.daemon import Daemon
+from tests.test_delivery import MAX_IN_FLIGHT, T0, burst, devices_yaml, rows_of, wait_rows
 
 LINK_LIMIT = 4096  # the stand-in's message_size_limit: bytes of payload it takes
-T0 = 1_795_000_000_000
-MAX_IN_FLIGHT = 8  # the daemon's default cloud.max_in_flight
-
-Row = tuple[str, int, str, Any]  # sensor_id, timestamp, metric, value
-
-
-# ---- helpers ---------------------------------------------------------------------------
-
-
-def dev_eui(i: int) -> str:
-    return f"70b3d57ed002{i:04x}"
-
-
-def osm_devices(count: int) -> str:
-    lines = ["devices:"]
-    for i in range(count):
-        lines += [f"  - dev_eui: {dev_eui(i)}", f"    sensor_id: machine-{i:02d}-clamp", "    codec: osm-v2"]
-    return "\n".join(lines) + "\n"
-
-
-def frame(n: int) -> bytes:
-    """An osm-v2 frame with one current reading whose value encodes n."""
-    return b"\x02" + b"CC1\x00" + b"\x01" + b"\x02" + (n % 65536).to_bytes(2, "little")
-
-
-def burst(local: Mosquitto, devices: int, numbers: range) -> set[Row]:
-    """Publish uplinks n in `numbers` for every device to the local broker, each acked."""
-    expected: set[Row] = set()
-    with publishing(local) as send:
-        for n in numbers:
-            for d in range(devices):
-                event = uplink_event(dev_eui(d), frame(n), f_cnt=n, time_ms=T0 + n * 1000, dedup_id=f"{d}-{n}")
-                send(topic(dev_eui(d)), encode(event, "json"))
-                expected.add((f"machine-{d:02d}-clamp", T0 + n * 1000, "CC1", n % 65536))
-    return expected
-
-
-def rows_of(message: ReceivedMessage) -> list[Row]:
-    body = wire.decode_message(message.payload)
-    return [(r["sensor_id"], r["timestamp"], r["metric_name"], r["metric_value"]) for r in wire.expand_rows(body)]
-
-
-def wait_rows(reader: Subscriber, expected: set[Row], timeout: float = 60.0) -> list[ReceivedMessage]:
-    """Wait until every expected row has reached the cloud reader; return all messages."""
-    got: set[Row] = set()
-    read = 0
-
-    def arrived(messages: list[ReceivedMessage]) -> bool:
-        nonlocal read
-        for m in messages[read:]:
-            got.update(rows_of(m))
-        read = len(messages)
-        return expected <= got
-
-    return reader.wait_for(arrived, timeout=timeout)
 
 
 @pytest.fixture(params=["message_size_limit"])
@@ -223,9 +169,7 @@ def test_split_keeps_every_row_and_the_totals(tmp_path: Path, gzip: bool) -> Non
     assert max(len(s["t"]) for m in messages for s in m["series"]) < 1500  # the big series was divided
     rows = [r for p in parts if p is not None for r in rows_without_job(p.payload)]
     assert rows == rows_without_job(batch.payload)
-    assert [p.readings for p in parts if p is not None] == [
-        sum(len(s["t"]) for s in m["series"]) for m in messages
-    ]
+    assert [p.readings for p in parts if p is not None] == [sum(len(s["t"]) for s in m["series"]) for m in messages]
     after = b.depth()
     assert after.batches == before.batches - 1 + len(seqs)
     assert after.batch_readings == before.batch_readings == batch.readings
@@ -247,8 +191,14 @@ def test_split_of_one_reading_makes_it_a_dead_letter(tmp_path: Path) -> None:
     given, and nothing of it stays to be retried."""
     path = tmp_path / "b.db"
     b = Buffer(path, "gw-t-01", "acme", "leeds", gzip=False)
-    big = DecodedUplink("chirpstack/big", "s-big", DEV, now_ms(), {"dev_eui": DEV.id, "f_port": 3},
-                        (Reading("note", "x" * 6000, None, now_ms()),))
+    big = DecodedUplink(
+        "chirpstack/big",
+        "s-big",
+        DEV,
+        now_ms(),
+        {"dev_eui": DEV.id, "f_port": 3},
+        (Reading("note", "x" * 6000, None, now_ms()),),
+    )
     b.store([big])
     batch = b.take(live=True)
     assert batch is not None and batch.readings == 1
@@ -295,7 +245,7 @@ def test_batches_too_large_for_the_link_are_split_and_everything_arrives(
         local_broker,
         small_cloud,
         certs,
-        osm_devices(devices),
+        devices_yaml(devices),
         batch_yaml="{max_delay: 200ms, max_bytes: 120KiB, compression: none}",
     )
     daemons.append(daemon)
