@@ -10,7 +10,12 @@ The service calls it from the main loop, in this order of priority:
 3. the backlog drains oldest first in the in-flight slots left, one slot always kept for live.
 
 Retries and pauses are scheduled on the monotonic clock (STYLE 14; injectable for tests); how
-long live readings waited is the buffer's to measure (`Buffer.live_due`).
+long live readings waited is the buffer's to measure (`Batcher.live_due`).
+
+Each batch holds the buffer's take it was made of, and ends it exactly once: confirm on
+PUBACK success, divide (by `Batcher.split`) or reject when too large. A batch waiting for a
+retry is held here with its bytes; at most `held_max` batches are held, so a cloud that
+refuses everything leaves the readings on disk, not in memory.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from enum import Enum
 
 import structlog
 
+from gateway.batching import Batcher
 from gateway.buffer import Buffer
 from gateway.cloud import CONNECTION_REFUSALS, Publisher, PublishResult
 from gateway.model import Batch
@@ -43,12 +49,12 @@ MIN_SPLIT_BYTES = 256
 class Stage(Enum):
     """Where a formed, unconfirmed batch is in its life."""
 
-    #: On disk, sent again with the same bytes as soon as a slot is free (unconfirmed at the
-    #: last stop, packed from a long backlog, a part of a split, or lost with the connection).
+    #: Sent again with the same bytes as soon as a slot is free (a part of a split, or lost
+    #: with the connection).
     QUEUED = "queued"
     #: Published; its answer is awaited.
     IN_FLIGHT = "in flight"
-    #: Refused; on disk, not sent again before its `not_before`, whoever asks.
+    #: Refused; not sent again before its `not_before`.
     BACKING_OFF = "backing off"
 
 
@@ -57,12 +63,11 @@ class Life:
     """One formed batch not yet confirmed, as the dispatcher knows it."""
 
     stage: Stage
+    batch: Batch
     #: Monotonic seconds before which a batch backing off is not sent.
     not_before: float = 0.0
     #: Refusals so far (a loss with the connection is not one): its backoff and log level.
     failures: int = 0
-    #: Held while in flight only: otherwise the payload stays on disk until it is sent.
-    batch: Batch | None = None
 
 
 class Dispatcher:
@@ -70,16 +75,19 @@ class Dispatcher:
 
     def __init__(
         self,
-        buffer: Buffer,
+        batcher: Batcher,
         publisher: Publisher,
         *,
         max_in_flight: int,
         max_delay_s: float,
         on_result: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        held_max: int | None = None,
     ) -> None:
-        self.buffer = buffer
+        self.batcher = batcher
+        self.buffer: Buffer = batcher.buffer
         self.publisher = publisher
+        self.held_max = held_max if held_max is not None else 4 * max_in_flight
         self.max_in_flight = max_in_flight
         self.max_delay_s = max_delay_s
         self._on_result = on_result
@@ -99,17 +107,6 @@ class Dispatcher:
         self.published_batches = 0
 
     # ---- what the service asks ---------------------------------------------------------------
-
-    def restore(self) -> int:
-        """At start: the batches formed before the last stop are sent again, same bytes; how many."""
-        for seq in self.buffer.pending_seqs():
-            self._queue(seq)
-        return len(self._lives)
-
-    def compact(self) -> None:
-        """Pack a long backlog into formed batches (`Buffer.compact`) and queue them."""
-        for seq in self.buffer.compact():
-            self._queue(seq)
 
     def in_flight_seqs(self) -> list[int]:
         """Seqs of the batches published and not yet answered (a bound must not drop them)."""
@@ -136,26 +133,45 @@ class Dispatcher:
         if now < self._paused_until:
             return
         limit = self.max_in_flight
-        if len(self._flying) < limit and self.buffer.live_due(self.max_delay_s):
-            while len(self._flying) < limit:
-                batch = self.buffer.take(live=True)
+        backlog_slots = max(1, limit - 1)
+        # Form: live batches when due, backlog batches to fill all slots but one, so live
+        # readings never queue behind the backlog. A new batch is sent once its take is
+        # recorded: live ones ride on intake's next commit (or `settle`, a second later); a
+        # drain waits for nobody and records its batches at once.
+        if self.batcher.live_due(self.max_delay_s):
+            while self._unsent(live=True) + len(self._flying) < limit and len(self._lives) < self.held_max:
+                batch = self.batcher.form(live=True)
                 if batch is None:
                     break
-                self._send(batch)
-                if not self.buffer.live_due(self.max_delay_s):
+                self._queue(batch)
+                if not self.batcher.live_due(self.max_delay_s):
                     break
-        # The backlog, oldest first, may use all but one slot, so live readings never queue
-        # behind it: formed batches first (same bytes again), then unbatched backlog uplinks.
-        backlog_slots = max(1, limit - 1)
-        for seq in self._waiting():
-            if len(self._flying) >= backlog_slots:
-                return
-            self._send_formed(seq, now)
-        while len(self._flying) < backlog_slots and self.buffer.depth(live=False).uplinks > 0:
-            batch = self.buffer.take(live=False)
+        formed = False
+        while (
+            self._unsent(live=False) + len(self._flying) < backlog_slots
+            and len(self._lives) < self.held_max
+            and self.buffer.depth(live=False).uplinks > 0
+        ):
+            batch = self.batcher.form(live=False)
             if batch is None:
                 break
-            self._send(batch)
+            self._queue(batch)
+            formed = True
+        if formed:
+            self.buffer.settle(force=True)
+        # Send: live first, then the backlog oldest first (batches held for a retry, same bytes).
+        for seq in self._waiting():
+            life = self._lives[seq]
+            if len(self._flying) < (limit if life.batch.take.live else backlog_slots):
+                self._send_waiting(seq, now)
+
+    def _unsent(self, live: bool) -> int:
+        """Batches formed and queued, not yet sent (backing off ones are not counted)."""
+        return sum(
+            1
+            for seq, life in self._lives.items()
+            if life.stage is Stage.QUEUED and seq not in self._flying and life.batch.take.live == live
+        )
 
     def collect_results(self) -> None:
         """Settle the answers publishers gave since the last call (main loop only)."""
@@ -165,16 +181,11 @@ class Dispatcher:
             except queue.Empty:
                 break
             life = self._lives.get(seq)
-            batch = life.batch if life is not None and life.stage is Stage.IN_FLIGHT else None
-            if life is None or batch is None:
+            if life is None or life.stage is not Stage.IN_FLIGHT:
                 continue  # not in flight: an answer nobody waits for
+            batch = life.batch
             if result.ok:
-                try:
-                    self.buffer.confirm(seq)
-                except sqlite3.DatabaseError:
-                    # Not confirmed yet (disk full, ...): keep it in flight and try again later.
-                    self._results.put((seq, result))
-                    raise
+                batch.take.confirm()
                 self._forget(seq)
                 self.published_batches += 1
                 self._link_refusals = 0
@@ -192,15 +203,22 @@ class Dispatcher:
         while self._clock() < deadline - 1.0:
             self.collect_results()
             if self.publisher.connected and self._clock() >= self._paused_until:
+                formed = False
+                while (
+                    self._unsent(live=True) + self._unsent(live=False) + len(self._flying) < self.max_in_flight
+                    and len(self._lives) < self.held_max
+                ):
+                    batch = self.batcher.form(live=True) or self.batcher.form(live=False)
+                    if batch is None:
+                        break
+                    self._queue(batch)
+                    formed = True
+                if formed:
+                    self.buffer.settle(force=True)
                 now = self._clock()
                 for seq in self._waiting():
                     if len(self._flying) < self.max_in_flight:
-                        self._send_formed(seq, now)
-                while len(self._flying) < self.max_in_flight:
-                    batch = self.buffer.take(live=True) or self.buffer.take(live=False)
-                    if batch is None:
-                        break
-                    self._send(batch)
+                        self._send_waiting(seq, now)
             if not self._flying and (not self.publisher.connected or self.buffer.depth().uplinks == 0):
                 break
             self._answered.wait(0.05)
@@ -209,11 +227,11 @@ class Dispatcher:
 
     # ---- a batch's life -------------------------------------------------------------------------
 
-    def _queue(self, seq: int, not_before: float | None = None) -> Life:
-        """Batch `seq` waits on disk: queued, or backing off until `not_before`."""
-        life = self._lives.setdefault(seq, Life(Stage.QUEUED))
+    def _queue(self, batch: Batch, not_before: float | None = None) -> Life:
+        """The batch waits: queued, or backing off until `not_before`."""
+        seq = batch.seq
+        life = self._lives.setdefault(seq, Life(Stage.QUEUED, batch))
         self._flying.discard(seq)
-        life.batch = None
         if not_before is None:
             life.stage, life.not_before = Stage.QUEUED, 0.0
         else:
@@ -221,32 +239,29 @@ class Dispatcher:
         return life
 
     def _forget(self, seq: int) -> None:
-        """Batch `seq` is confirmed, replaced by its parts, or gone from the buffer."""
+        """Batch `seq` is confirmed, or replaced by its parts or dead letters."""
         self._lives.pop(seq, None)
         self._flying.discard(seq)
 
     def _waiting(self) -> list[int]:
-        """Seqs of the batches waiting on disk, oldest first."""
-        return sorted(seq for seq in self._lives if seq not in self._flying)
+        """Seqs of the batches waiting to be sent: live first, then oldest first."""
+        waiting = [seq for seq in self._lives if seq not in self._flying]
+        return sorted(waiting, key=lambda seq: (not self._lives[seq].batch.take.live, seq))
 
-    def _send_formed(self, seq: int, now: float) -> None:
-        """Send waiting batch `seq` if its time has come, read back from disk."""
+    def _send_waiting(self, seq: int, now: float) -> None:
+        """Send waiting batch `seq` if it is recorded and its time has come."""
         life = self._lives[seq]
+        if not life.batch.take.recorded:
+            return  # formed, not yet written: sent after the next commit
         if life.stage is Stage.BACKING_OFF and life.not_before > now:
             return
-        formed = self.buffer.batch(seq)
-        if formed is None:  # dropped by a bound while it waited: forgotten
-            self._forget(seq)
-            return
-        self._send(formed)
+        self._send(life.batch)
 
     def _send(self, batch: Batch) -> None:
         life = self._lives.get(batch.seq)
-        if life is not None and life.stage is Stage.BACKING_OFF and life.not_before > self._clock():
-            return  # still backing off: it stays on disk, unsent
         if life is None:
-            life = self._lives[batch.seq] = Life(Stage.IN_FLIGHT)
-        life.stage, life.batch = Stage.IN_FLIGHT, batch
+            life = self._lives[batch.seq] = Life(Stage.IN_FLIGHT, batch)
+        life.stage = Stage.IN_FLIGHT
         self._flying.add(batch.seq)
         self.publisher.publish(batch, self._on_published)
 
@@ -264,7 +279,7 @@ class Dispatcher:
         because others succeed. A batch that keeps failing is logged as a warning at attempts
         1, 2, 4, 8, ... and at debug otherwise, so it cannot flood the journal.
         """
-        seq, size, now = batch.seq, len(batch.payload), self._clock()
+        size, now = len(batch.payload), self._clock()
         # Split a batch of many readings at once (it costs nothing); give up on one reading only
         # when the link's limit is known, or smaller messages are seen to pass.
         too_large = result.too_large and size > self._largest_accepted
@@ -274,13 +289,13 @@ class Dispatcher:
             return
         if result.reason_code is None and not result.too_large and not self.publisher.connected:
             # Lost with the connection (the disconnect is logged): sent again once it is back.
-            self._queue(seq)
+            self._queue(batch)
             self.buffer.count("publish_failed")
             log.debug("batch lost with the connection; sent again when it is back", batch_id=batch.batch_id)
             return
         attempts = life.failures + 1
         backoff = min(MAX_BACKOFF_S, 2.0 ** min(attempts, 6))
-        self._queue(seq, not_before=now + backoff).failures = attempts
+        self._queue(batch, not_before=now + backoff).failures = attempts
         fields: dict[str, object] = {}
         if result.reason_code is not None:
             self.buffer.count(f"puback_refused_{result.reason_code:#04x}")
@@ -308,24 +323,22 @@ class Dispatcher:
         replaced by smaller ones (or, one reading no message can carry, by a dead letter)."""
         size = len(batch.payload)
         guess = result.limit if result.limit is not None else max(size // 2, self._largest_accepted)
-        fits = max(MIN_SPLIT_BYTES, min(guess, size - 1, self.buffer.max_bytes))
+        fits = max(MIN_SPLIT_BYTES, min(guess, size - 1, self.batcher.max_bytes))
         # A limit the broker announced is the link's; a guess is kept from going below the config's.
         learnt = fits if result.limit is not None else max(MIN_LEARNT_MAX_BYTES, fits)
-        if learnt < self.buffer.max_bytes:
+        if learnt < self.batcher.max_bytes:
             log.info("the cloud takes smaller messages: batches are formed smaller", max_bytes=learnt)
-            self.buffer.max_bytes = learnt
+            self.batcher.max_bytes = learnt
         reason = f"too large to publish: a message of {size} bytes holding only this reading was refused ({result})"
         try:
-            seqs, dead = self.buffer.split(batch.seq, fits, reason=reason)
+            parts, dead = self.batcher.split(batch, fits, reason=reason)
         except sqlite3.DatabaseError:
-            self._results.put((batch.seq, result))  # still in flight, as for a confirm: handled again later
+            self._results.put((batch.seq, result))  # still in flight: handled again later
             raise
         self._forget(batch.seq)
-        if not seqs and not dead:
-            return  # dropped by a bound meanwhile
         self.buffer.count("publish_failed_too_large")
-        for seq in seqs:
-            self._queue(seq)
+        for part in parts:
+            self._queue(part)
         if dead:
             log.error(
                 "reading too large for any message the cloud takes: moved to dead letters",
@@ -340,7 +353,7 @@ class Dispatcher:
                 batch_id=batch.batch_id,
                 bytes=size,
                 readings=batch.readings,
-                parts=len(seqs),
+                parts=len(parts),
                 max_bytes=fits,
                 reason=str(result),
             )

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from gateway.buffer import Buffer, StoreResult, is_damage, is_storage_failure
+from gateway.batching import to_record
+from gateway.buffer import Buffer, Record, StoreResult, is_damage, is_storage_failure
 from gateway.config.devices import DeviceMap
 from gateway.devices import resolve
 from gateway.errors import BufferFullError, BufferLostError, DiskFullError, EventError
@@ -92,9 +93,16 @@ class Intake:
     """Parses, maps, decodes and commits deliveries; acks each after its commit."""
 
     def __init__(
-        self, buffer: Buffer, devices: DeviceMap, parsers: Mapping[str, Parser], commit_interval_s: float = 0.0
+        self,
+        buffer: Buffer,
+        devices: DeviceMap,
+        parsers: Mapping[str, Parser],
+        commit_interval_s: float = 0.0,
+        encode: Callable[[DecodedUplink], Record | DeadLetter] = to_record,
     ) -> None:
         self.buffer = buffer
+        #: A decoded uplink as the buffer stores it (the batching stage's `to_record`).
+        self.encode = encode
         self.devices = devices
         self.commit_interval_s = commit_interval_s
         self._parsers = dict(parsers)
@@ -240,7 +248,7 @@ class Intake:
             problem = None
             part = pending[:size]
             try:
-                result = self.buffer.store([o for _, outcomes in part for o in outcomes])
+                result = self._store([o for _, outcomes in part for o in outcomes])
             except DiskFullError as exc:
                 if size > 1:
                     size //= 2  # a smaller transaction may still fit in what room there is
@@ -283,6 +291,10 @@ class Intake:
             log.info("buffer takes intake again; acknowledging the held messages")
             self.stats.blocked = False
 
+    def _store(self, outcomes: list[Outcome | DeviceLog]) -> StoreResult:
+        """Commit outcomes, decoded uplinks as the records (or dead letters) `encode` makes."""
+        return self.buffer.store([self.encode(o) if isinstance(o, DecodedUplink) else o for o in outcomes])
+
     def _hold_all(self, reason: str, tell: Callable[[str], None]) -> None:
         """The buffer cannot be trusted any more: ack nothing from now on, tell the service."""
         log.critical("buffer unusable; intake holds all acknowledgements", error=reason)
@@ -299,7 +311,7 @@ class Intake:
         rest: list[tuple[Delivery, list[Outcome | DeviceLog]]] = []
         for i, (delivery, outcomes) in enumerate(part):
             try:
-                result = self.buffer.store(outcomes)
+                result = self._store(outcomes)
             except (BufferFullError, BufferLostError, sqlite3.DatabaseError):
                 return rest + part[i:]
             except Exception as exc:
@@ -506,7 +518,7 @@ class Intake:
         if not page:
             return 0
         try:
-            result = self.buffer.store([o for _, o in page])
+            result = self._store([o for _, o in page])
         except (BufferFullError, sqlite3.OperationalError) as exc:
             log.warning("kept uplinks not stored again yet: the buffer refuses them", reason=str(exc))
             return 0

@@ -106,6 +106,8 @@ class Batch:
     readings: int
     gzip: bool
     created_ms: int
+    #: The buffer's take the message was made of: ended once, by confirm, reject or divide.
+    take: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

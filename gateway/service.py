@@ -8,6 +8,7 @@ the bounds, the status line and the watchdog.
 
 from __future__ import annotations
 
+import functools
 import signal
 import sqlite3
 import threading
@@ -17,6 +18,7 @@ from types import FrameType
 
 import structlog
 
+from gateway.batching import Batcher, Ids, to_record
 from gateway.buffer import (
     Buffer,
     integrity_problems,
@@ -40,6 +42,9 @@ log = structlog.get_logger("gateway.service")
 STOP_BUDGET_S = 5.0
 BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
+#: The buffer's heartbeat (device counters and totals for `status`) is a write to flash: once a
+#: minute, not with every status line.
+HEARTBEAT_EVERY_S = 10.0
 SOURCES_READY_TIMEOUT_S = 10.0
 #: A worker thread died of an exception nothing expected: systemd restarts the daemon.
 EXIT_WORKER_DIED = 1
@@ -59,11 +64,6 @@ def open_buffer(settings: Settings) -> Buffer:
     """The buffer as gateway.yaml configures it."""
     return Buffer(
         settings.buffer.path,
-        gateway_id=settings.gateway.id,
-        tenant_id=settings.gateway.tenant_id,
-        site_id=settings.gateway.site_id,
-        max_bytes=settings.batch.max_bytes,
-        gzip=settings.batch.compression == "gzip",
         max_size=settings.buffer.max_size,
         max_age_s=settings.buffer.max_age,
         when_full=settings.buffer.when_full,
@@ -85,7 +85,17 @@ class Service:
         self.settings = s
         self.buffer = buffer or open_buffer(s)
         self.publisher = publisher or build_publisher(s)
-        self.intake = Intake(self.buffer, config.devices, {}, commit_interval_s=s.buffer.commit_interval)
+        gzip = s.batch.compression == "gzip"
+        self.batcher = Batcher(
+            self.buffer, Ids(s.gateway.id, s.gateway.tenant_id, s.gateway.site_id), s.batch.max_bytes, gzip
+        )
+        self.intake = Intake(
+            self.buffer,
+            config.devices,
+            {},
+            commit_interval_s=s.buffer.commit_interval,
+            encode=functools.partial(to_record, max_bytes=s.batch.max_bytes, compress=gzip),
+        )
         if sources is None:
             built, parsers = build_sources(s, self.intake.deliver)
             for i, source in enumerate(s.sources):
@@ -99,7 +109,7 @@ class Service:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.dispatcher = Dispatcher(
-            self.buffer,
+            self.batcher,
             self.publisher,
             max_in_flight=s.cloud.max_in_flight,
             max_delay_s=s.batch.max_delay,
@@ -188,7 +198,6 @@ class Service:
                 moved_to=str(recovered.moved_to),
                 reason=recovered.reason,
             )
-        unsent = self.dispatcher.restore()  # formed before the last stop: sent again, same bytes
         self.publisher.start()
         self.intake.start()
         for source in self.sources:
@@ -218,12 +227,13 @@ class Service:
             devices=len(self.config.devices),
             sources=[src.name for src in self.sources],
             backlog_readings=depth.total_readings,
-            unsent_batches=unsent,
         )
+        if self.buffer.migrated:
+            log.info("buffer carried over to the new format", detail=self.buffer.migrated)
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
         if not self.buffer.checked_at_open:
             threading.Thread(target=self._check_integrity, name="integrity-check", daemon=True).start()
-        next_bounds = next_status = next_watchdog = time.monotonic()
+        next_bounds = next_status = next_watchdog = next_heartbeat = time.monotonic()
         wall_minus_mono = time.time() - time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(0.25)
@@ -250,7 +260,7 @@ class Service:
                     log.exception("reload failed; keeping the running maps")
             try:
                 self.dispatcher.collect_results()
-                self.dispatcher.compact()
+                self.buffer.settle()
                 self.dispatcher.publish_due()
                 if now >= next_bounds:
                     next_bounds = now + BOUNDS_EVERY_S
@@ -258,6 +268,9 @@ class Service:
                 if now >= next_status:
                     next_status = now + STATUS_EVERY_S
                     self.notifier.notify(f"STATUS={self._status_line()}")
+                # While the buffer could not be written, try every status turn to learn it can again.
+                if now >= next_heartbeat or (self._disk_trouble is not None and now + STATUS_EVERY_S >= next_status):
+                    next_heartbeat = now + HEARTBEAT_EVERY_S
                     self.buffer.heartbeat()
                     if self._disk_trouble is not None:
                         log.info("buffer writable again", after=self._disk_trouble)
@@ -372,7 +385,7 @@ class Service:
         self.stopped.set()
 
     def _enforce_bounds(self) -> None:
-        gap = self.buffer.enforce_bounds(in_flight=self.dispatcher.in_flight_seqs())
+        gap = self.buffer.enforce_bounds()
         if gap is not None:
             fields = gap.log_fields()
             if self._clock_jump_s is not None and "max_age" in gap.reasons:

@@ -2,95 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
-
-from gateway.buffer import connect, now_ms
-
-HEARTBEAT_STALE_MS = 60_000
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from gateway.buffer import now_ms, view
 
 
 def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
-    """The status report as data (what `--json` prints)."""
-    if not path.exists():
-        return {"buffer": str(path), "exists": False}
-    db = Database(connect(path, readonly=True))
-    state = {row["key"]: row["value"] for row in db["state"].rows}
-    totals = json.loads(state.get("totals", "{}"))
-    counters = {row["name"]: row["value"] for row in db["counters"].rows}
-    oldest = db.execute(
-        "SELECT min(t) FROM (SELECT (SELECT received_ms FROM uplinks ORDER BY id LIMIT 1) AS t"
-        " UNION ALL SELECT min(oldest_ms) FROM batches)"
-    ).fetchone()[0]  # uplinks are in intake order: the first row is the oldest, found without a scan
-    now = now_ms()
-    heartbeat = int(state["heartbeat_ms"]) if "heartbeat_ms" in state else None
-    pid = int(state["pid"]) if "pid" in state else None
-    running = heartbeat is not None and now - heartbeat < HEARTBEAT_STALE_MS and pid is not None and _pid_alive(pid)
-    last_publish = int(state["last_publish_ms"]) if "last_publish_ms" in state else None
-    letters = [
-        {
-            "received_ms": r["received_ms"],
-            "device": r["device"],
-            "sensor_id": r["sensor_id"],
-            "f_port": r["f_port"],
-            "reason": r["reason"],
-            "payload_hex": bytes(r["payload"]).hex(),
-        }
-        for r in db.query(
-            "SELECT received_ms, device, sensor_id, f_port, reason, payload FROM dead_letters ORDER BY id DESC LIMIT ?",
-            [dead_letters],
-        )
-    ]
-    devices = list(
-        db.query(
-            "SELECT device, sensor_id, last_seen_ms, uplinks, readings, dead_letters, log_events, last_log,"
-            " foreign_tenant, note FROM devices ORDER BY device"
-        )
-    )
-    unmapped = db["unmapped"].count
-    kept_letters = db["dead_letters"].count
-    db.conn.close()
-    return {
-        "buffer": str(path),
-        "exists": True,
-        "daemon": {"running": running, "pid": pid if running else None, "heartbeat_ms": heartbeat},
-        "backlog": {
-            "readings": totals.get("readings", 0) + totals.get("batch_readings", 0),
-            "bytes": totals.get("bytes", 0) + totals.get("batch_bytes", 0),
-            "batches_unconfirmed": totals.get("batches", 0),
-            "oldest_unsent_ms": oldest,
-            "oldest_unsent_age_s": None if oldest is None else round((now - oldest) / 1000, 1),
-        },
-        "last_publish_ms": last_publish,
-        "last_publish_age_s": None if last_publish is None else round((now - last_publish) / 1000, 1),
-        "dead_letters": {
-            "total": counters.get("dead_letters", 0),
-            "kept": kept_letters,
-            "decoded_again": counters.get("dead_letters_decoded_again", 0),
-            "kept_bytes": totals.get("dead_letter_bytes", 0),
-            "latest": letters,
-        },
-        "unmapped_uplinks": unmapped,
-        "unmapped_bytes": totals.get("unmapped_bytes", 0),
-        "counters": counters,
-        "gap_pending": json.loads(state.get("gap", "{}")),
-        "recovered": json.loads(state["recovered"]) if "recovered" in state else None,
-        "devices": devices,
-    }
+    """The status report as data (what `--json` prints): the buffer's read-only view."""
+    return view.read(path, dead_letters)
 
 
 def _age(ms: int | None, now: int) -> str:

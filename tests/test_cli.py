@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.batching import to_record
 from gateway.buffer import Buffer, mark_damaged, now_ms
 from gateway.cli import main
 from gateway.model import DeadLetter, DecodedUplink, DeviceKey, Reading
@@ -26,12 +27,14 @@ def test_status_reads_a_stopped_daemons_buffer(tmp_path: Path, capsys: pytest.Ca
     assert main(["status", "-c", str(cfg)]) == 0
     assert "does not exist yet" in capsys.readouterr().out
     dev = DeviceKey("dev_eui", "70b3d57ed0001234")
-    b = Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds")
+    b = Buffer(tmp_path / "buffer.db")
     t = now_ms() - 60_000
     b.store(
         [
-            DecodedUplink(
-                "chirpstack/1", "press", dev, t, {}, (Reading("CC1", 1, "mA", t), Reading("CC2", 2, "mA", t))
+            to_record(
+                DecodedUplink(
+                    "chirpstack/1", "press", dev, t, {}, (Reading("CC1", 1, "mA", t), Reading("CC2", 2, "mA", t))
+                )
             ),
             DeadLetter(dev, "chirpstack/2", 1, "osm-v2: truncated", b"\x02", t, "press"),
         ]
@@ -66,12 +69,14 @@ def checked_site(where: Path) -> Path:
 
 def _fill(path: Path) -> None:
     dev = DeviceKey("dev_eui", "70b3d57ed0001234")
-    b = Buffer(path, "gw-t-01", "acme", "leeds")
+    b = Buffer(path)
     t = now_ms()
     b.store(
         [
-            DecodedUplink(
-                f"chirpstack/{i}", "press", dev, t, {}, tuple(Reading("CC1", j, "mA", t + j) for j in range(50))
+            to_record(
+                DecodedUplink(
+                    f"chirpstack/{i}", "press", dev, t, {}, tuple(Reading("CC1", j, "mA", t + j) for j in range(50))
+                )
             )
             for i in range(100)
         ]
@@ -89,7 +94,8 @@ def test_check_reports_buffer_damage_as_a_warning_and_exits_0(
     assert main(["check", "-c", str(cfg)]) == 0
     assert "passes PRAGMA integrity_check" in capsys.readouterr().out
     data = bytearray((tmp_path / "buffer.db").read_bytes())
-    data[4096:4108] = b"\x07" * 12  # the root page of the uplinks table: no such page type
+    page = int.from_bytes(data[16:18], "big")
+    data[page : page + 12] = b"\x07" * 12  # page 2, a table's root: no such page type
     (tmp_path / "buffer.db").write_bytes(bytes(data))
     assert main(["check", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -117,12 +123,14 @@ def test_check_warns_about_the_damage_marker_and_exits_0(tmp_path: Path, capsys:
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     """`hub-gateway status --json | head -1`: the reader goes away early; no BrokenPipeError traceback."""
     cfg = directory_site(tmp_path)
-    b = Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds")
+    b = Buffer(tmp_path / "buffer.db")
     t = now_ms()
     reading = Reading("CC1", 1, "mA", t)
     b.store(
         [
-            DecodedUplink(f"chirpstack/{i}", f"sensor-{i}", DeviceKey("dev_eui", f"{i:016x}"), t, {}, (reading,))
+            to_record(
+                DecodedUplink(f"chirpstack/{i}", f"sensor-{i}", DeviceKey("dev_eui", f"{i:016x}"), t, {}, (reading,))
+            )
             for i in range(3000)
         ]
     )
@@ -147,7 +155,7 @@ def test_status_says_loudly_that_a_damaged_buffer_was_moved_aside(
     """After a damaged buffer was replaced, `status` names the moved file and why."""
     cfg = directory_site(tmp_path)
     (tmp_path / "buffer.db").write_bytes(b"\0" * 5000)
-    Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds").close()
+    Buffer(tmp_path / "buffer.db").close()
     assert main(["status", "-c", str(cfg)]) == 0
     text = capsys.readouterr().out
     assert "DAMAGED BUFFER moved aside" in text and "buffer.db.corrupt-" in text and "not an SQLite database" in text

@@ -319,13 +319,13 @@ def test_drop_oldest_keeps_max_size_and_reports_the_gap(
         cloud_broker,
         certs,
         devices_yaml(2),
-        buffer_yaml="max_size: 16KiB, when_full: drop-oldest",
+        buffer_yaml="max_size: 4KiB, when_full: drop-oldest",
     )
     daemons.append(daemon)
     daemon.start()
     sent = burst(local_broker, 2, range(300))
     report = daemon.wait_status(lambda s: s["devices"] and sum(d["readings"] for d in s["devices"]) == len(sent))
-    assert report["backlog"]["bytes"] <= 16 * 1024
+    assert report["backlog"]["stored_bytes"] <= 4 * 1024  # max_size counts bytes as stored (compressed)
     dropped = report["counters"]["dropped_readings"]
     assert 0 < dropped < len(sent)
     daemon.wait_log("buffer bound reached: oldest readings dropped")
@@ -403,7 +403,7 @@ def test_full_disk_holds_intake_without_crash_or_corruption_and_recovers(
     cloud returns, the backlog drains from the full disk (through the room only the drain may
     use), the room it frees lets intake resume by itself, and everything arrives."""
     filler = small_disk / "filler"
-    filler.write_bytes(b"\0" * (24 * 1024 * 1024))  # 8 MiB left: WAL allowance, drain reserve, 1 MiB
+    filler.write_bytes(b"\0" * (24 * 1024 * 1024 + 960 * 1024))  # WAL allowance, drain reserve, 64 KiB left
     cloud_broker.stop()
     daemon = Daemon(
         tmp_path / "gw", local_broker, cloud_broker, certs, devices_yaml(4), buffer_path=small_disk / "buffer.db"

@@ -1,6 +1,7 @@
-"""The dispatcher against a Publisher double and a real SQLite buffer, on an injected clock:
-live first, the backlog oldest first, per-batch backoff, the connection-wide pause, the flush at
-stop. No broker, no sleeps (a flush waiting on answers waits 50 ms a turn at most)."""
+"""The dispatcher against a Publisher double, a real SQLite buffer and the batching stage, on
+an injected clock: live first, the backlog oldest first, per-batch backoff, the connection-wide
+pause, the flush at stop, each batch's take ended once. No broker, no sleeps (a flush waiting on
+answers waits 50 ms a turn at most)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from gateway import wire
+from gateway.batching import Batcher, Ids, to_record
 from gateway.buffer import Buffer, now_ms
 from gateway.cloud import Done, PublishResult
 from gateway.dispatch import Dispatcher, Stage
@@ -79,130 +82,155 @@ def uplink(n: int, readings: int = 2) -> DecodedUplink:
 
 @pytest.fixture
 def buffer(tmp_path: Path) -> Iterator[Buffer]:
-    """A real buffer in tmp_path, uncompressed."""
-    b = Buffer(tmp_path / "b.db", "gw-t-01", "acme", "leeds", gzip=False)
+    """A real buffer in tmp_path."""
+    b = Buffer(tmp_path / "b.db")
     yield b
     b.close()
 
 
-def formed(buffer: Buffer, count: int, first: int = 0) -> list[int]:
-    """`count` formed batches of one uplink each, as a previous run leaves them unconfirmed."""
-    seqs = []
+@pytest.fixture
+def batcher(buffer: Buffer) -> Batcher:
+    """Uncompressed messages so small that each holds one uplink (two readings)."""
+    return Batcher(buffer, Ids("gw-t-01", "acme", "leeds"), max_bytes=300, compress=False)
+
+
+def backlog(buffer: Buffer, count: int, first: int = 0) -> list[str]:
+    """`count` uplinks stored before the cloud connected (each its own commit): their sources."""
     for n in range(first, first + count):
-        buffer.store([uplink(n)])
-        batch = buffer.take(live=True)
-        assert batch is not None
-        seqs.append(batch.seq)
-    return seqs
+        buffer.store([to_record(uplink(n))])
+    return [f"chirpstack/{n}" for n in range(first, first + count)]
 
 
-def dispatcher(buffer: Buffer, publisher: FakePublisher, clock: Clock, max_in_flight: int = 4) -> Dispatcher:
-    return Dispatcher(buffer, publisher, max_in_flight=max_in_flight, max_delay_s=0.0, clock=clock)
+def source_of(batch: Batch) -> str:
+    return str(wire.decode_message(batch.payload)["series"][0]["source"])
+
+
+def dispatcher(batcher: Batcher, publisher: FakePublisher, clock: Clock, max_in_flight: int = 4) -> Dispatcher:
+    return Dispatcher(batcher, publisher, max_in_flight=max_in_flight, max_delay_s=0.0, clock=clock)
 
 
 def turn(d: Dispatcher) -> None:
-    """One turn of the main loop's publishing part."""
+    """One turn of the main loop's publishing part, with the commit that records the batches
+    it formed (in the daemon: intake's next group, or `settle` a second later)."""
     d.collect_results()
+    d.publish_due()
+    d.buffer.settle(force=True)
     d.publish_due()
 
 
-def test_live_readings_get_the_slot_the_backlog_never_takes(buffer: Buffer) -> None:
+def test_a_batch_is_published_only_once_its_take_is_recorded(buffer: Buffer, batcher: Batcher) -> None:
+    """A live batch formed between two commits waits for the next one, so that a crash after
+    the publish sends it again with the same id and bytes; it goes right after that commit."""
+    publisher, clock = FakePublisher(), Clock()
+    d = dispatcher(batcher, publisher, clock)
+    d.publish_due()  # the connection starts
+    buffer.store([to_record(uplink(1))])
+    d.publish_due()
+    assert publisher.sent == [] and buffer.depth().batch_readings == 2  # formed, held, not sent
+    buffer.store([to_record(uplink(2))])  # intake's next commit records it
+    d.publish_due()
+    assert [source_of(b) for b in publisher.sent][:1] == ["chirpstack/1"]
+
+
+def test_live_readings_get_the_slot_the_backlog_never_takes(buffer: Buffer, batcher: Batcher) -> None:
     """However long the backlog, it fills all in-flight slots but one, and a live reading is
     published in that last slot while the backlog's batches are still unanswered."""
-    backlog = formed(buffer, 5)
+    old = backlog(buffer, 5)
     publisher, clock = FakePublisher(), Clock()
     publisher.answer = lambda batch: None
-    d = dispatcher(buffer, publisher, clock, max_in_flight=3)
-    assert d.restore() == 5
+    d = dispatcher(batcher, publisher, clock, max_in_flight=3)
 
     turn(d)
     turn(d)
-    assert publisher.seqs() == backlog[:2]  # the third slot stays free
-    buffer.store([uplink(100)])
+    assert [source_of(b) for b in publisher.sent] == old[:2]  # the third slot stays free
+    buffer.store([to_record(uplink(100))])
     turn(d)
     live = publisher.sent[-1]
-    assert len(publisher.sent) == 3 and live.seq > backlog[-1] and live.readings == 2
-    assert d.in_flight_seqs() == [*backlog[:2], live.seq]
-    buffer.store([uplink(101)])
+    assert len(publisher.sent) == 3 and source_of(live) == "chirpstack/100" and live.readings == 2
+    assert d.in_flight_seqs() == sorted(b.seq for b in publisher.sent)
+    buffer.store([to_record(uplink(101))])
     turn(d)
     assert len(publisher.sent) == 3  # every slot taken: the new live reading waits its turn
 
 
-def test_the_backlog_drains_oldest_first_formed_batches_before_unbatched_uplinks(buffer: Buffer) -> None:
-    """The backlog goes out oldest first: the formed batches in seq order, then the uplinks not
-    yet batched, and each confirmed batch leaves the buffer."""
-    backlog = formed(buffer, 4)
-    buffer.store([uplink(50), uplink(51)])  # stored before the connection: backlog too
+def test_the_backlog_drains_oldest_first_and_each_confirmed_batch_leaves(buffer: Buffer, batcher: Batcher) -> None:
+    """The backlog goes out oldest first, and each confirmed batch's readings leave the buffer."""
+    old = backlog(buffer, 6)
     publisher, clock = FakePublisher(), Clock()
-    d = dispatcher(buffer, publisher, clock, max_in_flight=2)
-    d.restore()
+    d = dispatcher(batcher, publisher, clock, max_in_flight=2)
 
     for _ in range(10):
         turn(d)
-    assert publisher.seqs()[:4] == backlog
-    assert len(publisher.sent) == 5 and publisher.sent[4].readings == 4  # the two uplinks, one batch
-    assert buffer.pending_seqs() == [] and buffer.depth().total_readings == 0
-    assert d.published_batches == 5
+    assert [source_of(b) for b in publisher.sent] == old
+    assert buffer.depth().total_readings == 0 and d.published_batches == 6
 
 
-def test_a_refused_batch_is_sent_again_with_the_same_bytes_and_id(buffer: Buffer) -> None:
-    """A batch refused (0x99) stays on disk and, once its backoff is over, is published again as
-    the same message: same seq, batch_id and payload."""
-    (seq,) = formed(buffer, 1)
+def test_a_refused_batch_is_sent_again_with_the_same_bytes_and_id(buffer: Buffer, batcher: Batcher) -> None:
+    """A batch refused (0x99) is held and, once its backoff is over, published again as the same
+    message: same seq, batch_id and payload; its readings stay until then."""
+    backlog(buffer, 1)
     publisher, clock = FakePublisher(), Clock()
     publisher.answer = lambda batch: refused(0x99) if len(publisher.sent) == 1 else ACCEPTED
-    d = dispatcher(buffer, publisher, clock)
-    d.restore()
+    d = dispatcher(batcher, publisher, clock)
 
     turn(d)
     d.collect_results()
-    assert d.stage_of(seq) is Stage.BACKING_OFF and buffer.pending_seqs() == [seq]
+    seq = publisher.sent[0].seq
+    assert d.stage_of(seq) is Stage.BACKING_OFF and buffer.depth().total_readings == 2
     clock.at += 2.0
     turn(d)
     d.collect_results()
     first, again = publisher.sent
-    assert again == first  # Batch is a frozen dataclass: seq, batch_id, payload, readings
-    assert d.stage_of(seq) is None and buffer.pending_seqs() == []
+    assert again == first  # seq, batch_id, payload, readings
+    assert d.stage_of(seq) is None and buffer.depth().total_readings == 0
 
 
-def test_a_failing_batch_backs_off_on_its_own_while_others_succeed(buffer: Buffer) -> None:
+def test_a_failing_batch_backs_off_on_its_own_while_others_succeed(buffer: Buffer, batcher: Batcher) -> None:
     """A batch refused again and again (0x99) is retried after 2 s, then 4 s, then 8 s on the
     dispatcher's clock, although other batches succeed in between; its refusals pause nobody."""
-    (poisoned,) = formed(buffer, 1)
+    backlog(buffer, 1)
     publisher, clock = FakePublisher(), Clock()
-    publisher.answer = lambda batch: refused(0x99) if batch.seq == poisoned else ACCEPTED
-    d = dispatcher(buffer, publisher, clock)
-    d.restore()
+    poisoned: list[int] = []
+
+    def answer(batch: Batch) -> PublishResult:
+        if not poisoned:
+            poisoned.append(batch.seq)
+        return refused(0x99) if batch.seq == poisoned[0] else ACCEPTED
+
+    publisher.answer = answer
+    d = dispatcher(batcher, publisher, clock)
     attempts: list[float] = []
     others_between: list[int] = []
 
     for n in range(160):  # 16 s in steps of 0.1 s, a live uplink each step
-        buffer.store([uplink(1000 + n, 1)])
+        buffer.store([to_record(uplink(1000 + n, 1))])
         before = len(publisher.sent)
         turn(d)
         d.collect_results()
         new = publisher.sent[before:]
-        attempts += [clock.at for b in new if b.seq == poisoned]
-        others_between.append(sum(1 for b in new if b.seq != poisoned))
+        attempts += [clock.at for b in new if b.seq == poisoned[0]]
+        others_between.append(sum(1 for b in new if b.seq != poisoned[0]))
         clock.at = round(clock.at + 0.1, 1)
     assert [round(t - attempts[0], 1) for t in attempts] == [0.0, 2.0, 6.0, 14.0]
     assert all(others_between), "another batch's refusal held back a live batch"
-    counters = read_status(buffer.path)["counters"]
-    assert counters["puback_refused_0x99"] == 4
+    buffer.heartbeat()
+    assert read_status(buffer.path)["counters"]["puback_refused_0x99"] == 4
 
 
 @pytest.mark.parametrize("code", [0x87, 0x97])
-def test_a_refusal_concerning_the_connection_pauses_all_publishing(buffer: Buffer, code: int) -> None:
+def test_a_refusal_concerning_the_connection_pauses_all_publishing(
+    buffer: Buffer, batcher: Batcher, code: int
+) -> None:
     """A refusal of the connection (0x87 not authorized, 0x97 quota exceeded) pauses every
     batch, live ones too: 2 s for the first refusal, doubling with each refusal in a row (here
     the third, as two batches were refused together, pauses 8 s)."""
     publisher, clock = FakePublisher(), Clock()
     publisher.answer = lambda batch: refused(code)
-    d = dispatcher(buffer, publisher, clock)
-    buffer.store([uplink(1)])
+    d = dispatcher(batcher, publisher, clock)
+    buffer.store([to_record(uplink(1))])
     turn(d)
     turn(d)  # the refusal is read: the pause begins
-    buffer.store([uplink(2)])
+    buffer.store([to_record(uplink(2))])
     clock.at += 1.9
     turn(d)
     assert len(publisher.sent) == 1, "published during the pause"
@@ -217,18 +245,20 @@ def test_a_refusal_concerning_the_connection_pauses_all_publishing(buffer: Buffe
     clock.at += 0.1
     turn(d)
     d.collect_results()
-    assert len(publisher.sent) == 5 and buffer.pending_seqs() == [] and d.published_batches == 2
+    assert len(publisher.sent) == 5 and buffer.depth().total_readings == 0 and d.published_batches == 2
+    buffer.heartbeat()
     assert read_status(buffer.path)["counters"][f"puback_refused_{code:#04x}"] == 3
 
 
-def test_a_batch_that_keeps_failing_is_logged_as_a_warning_only_at_attempts_1_2_4_8_16(buffer: Buffer) -> None:
+def test_a_batch_that_keeps_failing_is_logged_as_a_warning_only_at_attempts_1_2_4_8_16(
+    buffer: Buffer, batcher: Batcher
+) -> None:
     """A batch refused 17 times is logged as a warning at attempts 1, 2, 4, 8 and 16 only
     (debug otherwise), so a stuck batch cannot flood the journal."""
-    (seq,) = formed(buffer, 1)
+    backlog(buffer, 1)
     publisher, clock = FakePublisher(), Clock()
     publisher.answer = lambda batch: refused(0x99)
-    d = dispatcher(buffer, publisher, clock)
-    d.restore()
+    d = dispatcher(batcher, publisher, clock)
     with capture_logs() as logs:
         for _ in range(17):
             turn(d)
@@ -237,19 +267,19 @@ def test_a_batch_that_keeps_failing_is_logged_as_a_warning_only_at_attempts_1_2_
     attempts = [e for e in logs if e["event"] == "batch not accepted; kept for retry"]
     assert [e["attempt"] for e in attempts] == list(range(1, 18))
     assert [e["attempt"] for e in attempts if e["log_level"] == "warning"] == [1, 2, 4, 8, 16]
-    assert all(e["batch_id"] == f"gw-t-01-{seq:012d}" for e in attempts)
+    assert len({e["batch_id"] for e in attempts}) == 1
     assert attempts[-1]["retry_in_s"] == 60.0  # the backoff stops growing at MAX_BACKOFF_S
 
 
-def test_a_batch_lost_with_the_connection_is_sent_again_without_backoff(buffer: Buffer) -> None:
+def test_a_batch_lost_with_the_connection_is_sent_again_without_backoff(buffer: Buffer, batcher: Batcher) -> None:
     """A publish that failed because the connection went (no reason code, publisher no longer
     connected) is not a refusal: the batch is queued again and goes as soon as the link is back."""
-    (seq,) = formed(buffer, 1)
+    backlog(buffer, 1)
     publisher, clock = FakePublisher(), Clock()
     publisher.answer = lambda batch: None
-    d = dispatcher(buffer, publisher, clock)
-    d.restore()
+    d = dispatcher(batcher, publisher, clock)
     turn(d)
+    seq = publisher.sent[0].seq
     publisher.connected = False
     publisher.held.pop(seq)(seq, PublishResult(False, None, "connection lost"))
     turn(d)
@@ -258,99 +288,110 @@ def test_a_batch_lost_with_the_connection_is_sent_again_without_backoff(buffer: 
     publisher.answer = lambda batch: ACCEPTED
     turn(d)
     d.collect_results()
-    assert publisher.seqs() == [seq, seq] and buffer.pending_seqs() == []
+    assert publisher.seqs() == [seq, seq] and buffer.depth().total_readings == 0
 
 
 def test_a_batch_too_large_for_the_link_is_split_and_its_parts_sent(buffer: Buffer) -> None:
     """A batch refused as too large, with the link's limit announced, is replaced by parts within
     the limit (logged), batches form smaller from then on, and every part is published."""
-    buffer.store([uplink(n, 40) for n in range(20)])
+    batcher = Batcher(buffer, Ids("gw-t-01", "acme", "leeds"), max_bytes=120 * 1024, compress=False)
+    buffer.store([to_record(uplink(n, 40)) for n in range(20)])
     publisher, clock = FakePublisher(), Clock()
     limit = 4096
     publisher.answer = lambda batch: (
         PublishResult(False, None, "too large", too_large=True, limit=limit) if len(batch.payload) > limit else ACCEPTED
     )
-    d = dispatcher(buffer, publisher, clock)
+    d = dispatcher(batcher, publisher, clock)
     with capture_logs() as logs:
         for _ in range(20):
             turn(d)
     assert "batch refused as too large; split into smaller batches" in [e["event"] for e in logs]
     big = publisher.sent[0]
     assert len(big.payload) > limit and d.stage_of(big.seq) is None
-    assert buffer.max_bytes == limit
-    assert buffer.pending_seqs() == [] and buffer.depth().total_readings == 0
+    assert batcher.max_bytes == limit
+    assert buffer.depth().total_readings == 0
     accepted = [b for b in publisher.sent if len(b.payload) <= limit]
     assert sum(b.readings for b in accepted) == 20 * 40
 
 
-def test_the_flush_at_stop_sends_everything_committed(buffer: Buffer) -> None:
-    """Stopping, the flush sends every formed batch and every stored uplink, live or backlog,
-    in all in-flight slots, and returns once all are confirmed."""
-    formed(buffer, 3)
-    buffer.store([uplink(10)])
+def test_the_flush_at_stop_sends_everything_committed(buffer: Buffer, batcher: Batcher) -> None:
+    """Stopping, the flush sends every stored uplink, live or backlog, in all in-flight slots,
+    and returns once all are confirmed."""
+    backlog(buffer, 4)
     publisher, clock = FakePublisher(), Clock()
-    d = dispatcher(buffer, publisher, clock, max_in_flight=2)
-    d.restore()
+    d = dispatcher(batcher, publisher, clock, max_in_flight=2)
     d.publish_due()  # the connection starts: what is stored is backlog
-    buffer.store([uplink(11)])  # live
+    buffer.store([to_record(uplink(11))])  # live
     d.flush(deadline=clock() + 4.5)
-    assert buffer.pending_seqs() == [] and buffer.depth().total_readings == 0
+    assert buffer.depth().total_readings == 0
     assert d.published_batches == 5 and d.in_flight_seqs() == []
 
 
-def test_the_flush_at_stop_ends_by_its_deadline_when_nothing_answers(buffer: Buffer) -> None:
+def test_the_flush_at_stop_ends_by_its_deadline_when_nothing_answers(buffer: Buffer, batcher: Batcher) -> None:
     """A cloud that never answers cannot hold the stop: the flush returns within its deadline
-    (less the second kept for the publisher to stop), the batches still stored."""
-    formed(buffer, 3)
+    (less the second kept for the publisher to stop), the readings still stored."""
+    backlog(buffer, 3)
     publisher, clock = FakePublisher(), Clock(tick=0.1)
     publisher.answer = lambda batch: None
-    d = dispatcher(buffer, publisher, clock)
-    d.restore()
+    d = dispatcher(batcher, publisher, clock)
     deadline = clock() + 4.5
     d.flush(deadline)
     assert deadline - 1.0 <= clock() <= deadline
-    assert len(publisher.sent) == 3 and len(buffer.pending_seqs()) == 3
+    assert len(publisher.sent) == 3 and buffer.depth().total_readings == 6
 
 
-def test_the_flush_at_stop_respects_backoff_and_the_pause(buffer: Buffer) -> None:
+def test_the_flush_at_stop_respects_backoff_and_the_pause(buffer: Buffer, batcher: Batcher) -> None:
     """The flush does not send a batch before its backoff is over, nor anything while the
     connection is paused; what it does not send stays stored for the next start."""
-    (poisoned,) = formed(buffer, 1)
+    backlog(buffer, 1)
     publisher, clock = FakePublisher(), Clock()
-    publisher.answer = lambda batch: refused(0x99) if batch.seq == poisoned else ACCEPTED
-    d = dispatcher(buffer, publisher, clock)
-    d.restore()
+    publisher.answer = lambda batch: refused(0x99) if source_of(batch) == "chirpstack/0" else ACCEPTED
+    d = dispatcher(batcher, publisher, clock)
     turn(d)
     d.collect_results()
-    buffer.store([uplink(5)])
+    poisoned = publisher.sent[0].seq
+    buffer.store([to_record(uplink(5))])
     d.flush(deadline=clock() + 1.5)
     assert publisher.seqs().count(poisoned) == 1  # not again: it backs off 2 s
-    assert buffer.pending_seqs() == [poisoned] and buffer.depth().uplinks == 0
+    assert buffer.depth().total_readings == 2 and buffer.depth().uplinks == 0
 
-    buffer.store([uplink(6)])
+    buffer.store([to_record(uplink(6))])
     d.pause(10.0)
     clock.tick = 0.1  # the flush waits out its deadline for the pause to end
     d.flush(deadline=clock() + 4.5)
     assert len(publisher.sent) == 2 and buffer.depth().uplinks == 1
 
 
-def test_an_answer_for_a_batch_not_in_flight_is_ignored(buffer: Buffer) -> None:
+def test_an_answer_for_a_batch_not_in_flight_is_ignored(buffer: Buffer, batcher: Batcher) -> None:
     """An answer for a seq the dispatcher never sent, or a second answer for one already
     confirmed, changes nothing: no confirm, no count, no retry."""
-    (seq,) = formed(buffer, 1)
-    (other,) = formed(buffer, 1, first=1)
+    backlog(buffer, 1)
     publisher, clock = FakePublisher(), Clock()
-    publisher.answer = lambda batch: None if batch.seq == seq else ACCEPTED
-    d = dispatcher(buffer, publisher, clock, max_in_flight=2)
-    d.restore()
-    turn(d)  # one backlog slot of two: only `seq` goes
+    publisher.answer = lambda batch: None
+    d = dispatcher(batcher, publisher, clock, max_in_flight=2)
+    turn(d)  # one backlog slot of two
+    (seq,) = publisher.held
     done = publisher.held[seq]
-    done(other, ACCEPTED)  # never sent
+    done(seq + 1, ACCEPTED)  # never sent
     done(seq + 10**6, refused(0x99))  # unknown
     d.collect_results()
-    assert buffer.pending_seqs() == [seq, other] and d.published_batches == 0
-    assert d.stage_of(other) is Stage.QUEUED and d.stage_of(seq) is Stage.IN_FLIGHT
+    assert buffer.depth().total_readings == 2 and d.published_batches == 0
+    assert d.stage_of(seq) is Stage.IN_FLIGHT
     done(seq, ACCEPTED)
     done(seq, refused(0x99))  # a second answer for the same publish
     d.collect_results()
-    assert d.published_batches == 1 and d.stage_of(seq) is None and buffer.pending_seqs() == [other]
+    assert d.published_batches == 1 and d.stage_of(seq) is None and buffer.depth().total_readings == 0
+
+
+def test_a_cloud_that_refuses_everything_leaves_the_readings_on_disk(buffer: Buffer, batcher: Batcher) -> None:
+    """Batches held for a retry are bounded (held_max): a cloud refusing every message does not
+    pull the whole backlog into memory; what is not held stays untaken in the buffer."""
+    backlog(buffer, 40)
+    publisher, clock = FakePublisher(), Clock()
+    publisher.answer = lambda batch: refused(0x99)
+    d = dispatcher(batcher, publisher, clock, max_in_flight=2)
+    for _ in range(50):
+        turn(d)
+        clock.at += 1.0
+    assert len({b.seq for b in publisher.sent}) == d.held_max == 8
+    assert buffer.depth(live=False).uplinks == 40 - 8

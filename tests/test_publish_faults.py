@@ -12,7 +12,6 @@ and awscrt fails a larger PUBLISH itself with AWS_ERROR_MQTT5_PACKET_VALIDATION.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from gateway import wire
+from gateway.batching import Batcher, Ids, to_record
 from gateway.buffer import Buffer, now_ms
 from gateway.cloud import PublishResult
 from gateway.cloud.iot_core import IotCorePublisher
@@ -124,12 +124,13 @@ def uplink(n: int, readings: int, received_ms: int, metric: str = "CC1") -> Deco
     )
 
 
-def batch_totals(path: Path) -> tuple[int, int, int]:
-    """Batches, their readings and bytes, as the file holds them."""
-    with sqlite3.connect(path) as db:
-        row = db.execute("SELECT count(*), coalesce(sum(readings),0), coalesce(sum(length(payload)),0) FROM batches")
-        count, readings, size = row.fetchone()
-    return count, readings, size
+def rig(path: Path, gzip: bool = True, **kw: Any) -> tuple[Buffer, Batcher]:
+    buffer = Buffer(path, **kw)
+    return buffer, Batcher(buffer, Ids("gw-t-01", "acme", "leeds"), 120 * 1024, gzip)
+
+
+def store(buffer: Buffer, uplinks: list[DecodedUplink]) -> None:
+    buffer.store([to_record(u) for u in uplinks])
 
 
 def rows_without_job(payload: bytes) -> list[dict[str, Any]]:
@@ -137,29 +138,27 @@ def rows_without_job(payload: bytes) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("gzip", [False, True])
-def test_split_keeps_every_row_and_the_totals(tmp_path: Path, gzip: bool) -> None:
-    """Split replaces a refused batch by two or more formed batches within max_bytes that expand
-    to exactly its rows (a series too big for one part divided along t/v), the gap `meta` on the
-    first part only, the same header fields, new rising seqs, and totals matching the file."""
-    b = Buffer(tmp_path / "b.db", "gw-t-01", "acme", "leeds", max_bytes=120 * 1024, gzip=gzip, max_age_s=60)
+def test_split_keeps_every_row(tmp_path: Path, gzip: bool) -> None:
+    """Split replaces a refused batch by two or more batches within max_bytes that expand to
+    exactly its rows (a series too big for one part divided along t/v), the gap `meta` on the
+    first part only, the same header fields, new rising seqs; every reading stays in the buffer
+    until its part is confirmed, and none after."""
+    b, batcher = rig(tmp_path / "b.db", gzip, max_age_s=60)
     t = now_ms()
-    b.store([uplink(i, 2, received_ms=t - 3_600_000) for i in range(3)])  # past max_age: a gap
+    store(b, [uplink(i, 2, received_ms=t - 3_600_000) for i in range(3)])  # past max_age: a gap
     assert b.enforce_bounds() is not None
-    b.store([uplink(i, 3, received_ms=t) for i in range(10, 300)] + [uplink(999, 1500, received_ms=t, metric="wave")])
-    batch = b.take(live=True)
+    store(b, [uplink(i, 3, received_ms=t) for i in range(10, 300)] + [uplink(999, 1500, received_ms=t, metric="wave")])
+    batch = batcher.form(live=True)
     assert batch is not None and b.depth().uplinks == 0
     original = wire.decode_message(batch.payload)
     assert "gap" in original["meta"] and len(batch.payload) > 2 * LINK_LIMIT
-    before = b.depth()
 
-    seqs, dead = b.split(batch.seq, LINK_LIMIT)
+    parts, dead = batcher.split(batch, LINK_LIMIT, "too large")
 
+    seqs = [p.seq for p in parts]
     assert dead == 0 and len(seqs) >= 2 and seqs == sorted(seqs) and seqs[0] > batch.seq
-    assert b.pending_seqs() == seqs
-    parts = [b.batch(s) for s in seqs]
-    assert all(p is not None for p in parts)
-    messages = [wire.decode_message(p.payload) for p in parts if p is not None]
-    assert all(len(p.payload) <= LINK_LIMIT for p in parts if p is not None)
+    messages = [wire.decode_message(p.payload) for p in parts]
+    assert all(len(p.payload) <= LINK_LIMIT for p in parts)
     assert [m["batch_id"] for m in messages] == [f"gw-t-01-{s:012d}" for s in seqs]
     assert messages[0]["meta"] == original["meta"] and all("meta" not in m for m in messages[1:])
     for m in messages:
@@ -167,22 +166,19 @@ def test_split_keeps_every_row_and_the_totals(tmp_path: Path, gzip: bool) -> Non
             k: original[k] for k in ("schema", "gateway_id", "tenant_id", "site_id", "created_at")
         }
     assert max(len(s["t"]) for m in messages for s in m["series"]) < 1500  # the big series was divided
-    rows = [r for p in parts if p is not None for r in rows_without_job(p.payload)]
+    rows = [r for p in parts for r in rows_without_job(p.payload)]
     assert rows == rows_without_job(batch.payload)
-    assert [p.readings for p in parts if p is not None] == [sum(len(s["t"]) for s in m["series"]) for m in messages]
-    after = b.depth()
-    assert after.batches == before.batches - 1 + len(seqs)
-    assert after.batch_readings == before.batch_readings == batch.readings
-    assert (after.batches, after.batch_readings, after.batch_bytes) == batch_totals(tmp_path / "b.db")
-    b.store([uplink(5000, 1, received_ms=t)])
-    nxt = b.take(live=True)
+    assert [p.readings for p in parts] == [sum(len(s["t"]) for s in m["series"]) for m in messages]
+    assert b.depth().batch_readings == batch.readings
+    store(b, [uplink(5000, 1, received_ms=t)])
+    nxt = batcher.form(live=True)
     assert nxt is not None and nxt.seq > seqs[-1]  # the batch sequence went on past the parts
-    for s in [*seqs, nxt.seq]:
-        b.confirm(s)
-    assert b.depth().total_readings == 0 and batch_totals(tmp_path / "b.db") == (0, 0, 0)
+    for p in [*parts, nxt]:
+        p.take.confirm()
+    assert b.depth().total_readings == 0
     b.close()
-    reopened = Buffer(tmp_path / "b.db", "gw-t-01", "acme", "leeds")
-    assert reopened.depth().batches == 0 and reopened.depth().batch_bytes == 0
+    reopened = Buffer(tmp_path / "b.db")
+    assert reopened.depth().total_readings == 0
     reopened.close()
 
 
@@ -190,7 +186,7 @@ def test_split_of_one_reading_makes_it_a_dead_letter(tmp_path: Path) -> None:
     """A batch of one reading cannot shrink: split moves it to the dead letters with the reason
     given, and nothing of it stays to be retried."""
     path = tmp_path / "b.db"
-    b = Buffer(path, "gw-t-01", "acme", "leeds", gzip=False)
+    b, batcher = rig(path, gzip=False)
     big = DecodedUplink(
         "chirpstack/big",
         "s-big",
@@ -199,17 +195,16 @@ def test_split_of_one_reading_makes_it_a_dead_letter(tmp_path: Path) -> None:
         {"dev_eui": DEV.id, "f_port": 3},
         (Reading("note", "x" * 6000, None, now_ms()),),
     )
-    b.store([big])
-    batch = b.take(live=True)
+    store(b, [big])
+    batch = batcher.form(live=True)
     assert batch is not None and batch.readings == 1
 
-    assert b.split(batch.seq, LINK_LIMIT, reason="too large to publish: test") == ([], 1)
+    assert batcher.split(batch, LINK_LIMIT, reason="too large to publish: test") == ([], 1)
 
-    assert b.pending_seqs() == [] and b.depth().total_readings == 0
-    assert batch_totals(path) == (0, 0, 0)
+    assert b.depth().total_readings == 0
     b.close()
     report = read_status(path)
-    assert report["dead_letters"]["total"] == 1
+    assert report["dead_letters"]["total"] == 1 and report["backlog"]["readings"] == 0
     letter = report["dead_letters"]["latest"][0]
     assert letter["reason"] == "too large to publish: test"
     assert letter["sensor_id"] == "s-big" and letter["device"] == str(DEV) and letter["f_port"] == 3

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import buffer as buffer_module
+from gateway.batching import to_record
 from gateway.buffer import Buffer, damage_marker, now_ms
+from gateway.buffer import core as buffer_core
 from gateway.config import load_config
 from gateway.model import DecodedUplink, DeviceKey, Reading
 from gateway.service import EXIT_BUFFER_DAMAGED, Service
@@ -23,20 +24,25 @@ def test_damage_found_by_the_background_check_stops_with_exit_3_and_a_marker(
     then stops the daemon (exit code 3) with the marker that makes the next open move it aside."""
     cfg = directory_site(tmp_path)
     path = tmp_path / "buffer.db"
-    b = Buffer(path, "gw-t-01", "acme", "leeds")
+    b = Buffer(path)
     dev = DeviceKey("dev_eui", "70b3d57ed0001234")
     t = now_ms()
     b.store(
         [
-            DecodedUplink(f"chirpstack/{i}", "s", dev, t, {}, tuple(Reading("CC1", j, "mA", t + j) for j in range(40)))
+            to_record(
+                DecodedUplink(
+                    f"chirpstack/{i}", "s", dev, t, {}, tuple(Reading("CC1", j, "mA", t + j) for j in range(40))
+                )
+            )
             for i in range(200)
         ]
     )
     b.close()
-    monkeypatch.setattr(buffer_module, "QUICK_CHECK_AT_OPEN_MAX", 0)
+    monkeypatch.setattr(buffer_core, "QUICK_CHECK_AT_OPEN_MAX", 0)
     service = Service(load_config(cfg), sources=[])
     data = bytearray(path.read_bytes())
-    data[4096 * 1 : 4096 * 1 + 12] = b"\x07" * 12  # the uplinks table's root page, under its feet
+    page = int.from_bytes(data[16:18], "big")
+    data[page : page + 12] = b"\x07" * 12  # page 2 (a table's root), under its feet
     path.write_bytes(bytes(data))
     runner = threading.Thread(target=service.run)
     runner.start()
@@ -44,7 +50,7 @@ def test_damage_found_by_the_background_check_stops_with_exit_3_and_a_marker(
     runner.join(10)
     assert service.exit_code == EXIT_BUFFER_DAMAGED
     assert damage_marker(path).exists()
-    reopened = Buffer(path, "gw-t-01", "acme", "leeds")
+    reopened = Buffer(path)
     assert reopened.recovered is not None and "quick_check" in reopened.recovered.reason
     reopened.close()
 

@@ -1,0 +1,79 @@
+"""The durable buffer: SQLite between intake and the cloud.
+
+The interface::
+
+    intake ──store(records, dead letters, ...)──▶ Buffer ◀──take(live, max_raw)── batching stage
+             (returns after fsync: ack upstream)    │          │ a Take: records, seq, gap
+                                                    │          ▼
+                                                    │   take.confirm()  PUBACK success: gone
+                                                    │   take.release()  later, same seq and bytes
+                                                    │   take.reject(ls) refused for good: dead letters
+                                                    │   take.divide(ps) too large: stored again in parts
+                                                    │
+             depth() · live_waited() · enforce_bounds() · settle() · heartbeat() · close()
+             status and reports read a closed or running buffer through `view.read`, never its tables
+
+The life of a reading: intake decodes an uplink and the batching stage (`gateway.batching`)
+makes it a `Record` (its series text, opaque here). `store` commits a group of records as one
+compressed chunk and only then may intake acknowledge upstream. The record waits, live (stored
+since the cloud connected) or backlog, until `take` hands it out, oldest first, in a `Take`;
+the batching stage makes the take a message and the dispatcher publishes it. IoT Core's PUBACK
+confirms the take and the record leaves the buffer with its chunk's last confirmation. A bound
+(`max_age`, `max_size` under `drop-oldest`) may drop records not handed out; the drop is
+reported in the `meta.gap` of the next message.
+
+The files, one job each:
+
+- `files.py`: the file: pragmas, one daemon per file (flock), damage found and moved aside;
+- `records.py`: what is stored, and a group as one compressed chunk;
+- `sqlite.py`: the buffer: store, take and the ends of a take, bounds, what rides on commits;
+- `side.py`: dead letters, unmapped uplinks and device counters beside the readings;
+- `room.py`: room on disk, so a full disk still drains;
+- `migrate.py`: a first-version file carried over;
+- `view.py`: the read-only view for `status` and reports;
+- `results.py`: what store, depth and bounds answer.
+"""
+
+from gateway.buffer.core import SEEN_KEPT_ROWS
+from gateway.buffer.files import (
+    Recovered,
+    connect,
+    damage_marker,
+    file_damage,
+    integrity_problems,
+    is_damage,
+    is_disk_full,
+    is_storage_failure,
+    lock_path,
+    mark_damaged,
+    now_ms,
+    quarantine,
+)
+from gateway.buffer.records import Record, Stored
+from gateway.buffer.results import Depth, Gap, StoreResult
+from gateway.buffer.sqlite import Buffer
+from gateway.buffer.takes import Take, TakeState
+
+__all__ = [
+    "SEEN_KEPT_ROWS",
+    "Buffer",
+    "Depth",
+    "Gap",
+    "Record",
+    "Recovered",
+    "StoreResult",
+    "Stored",
+    "Take",
+    "TakeState",
+    "connect",
+    "damage_marker",
+    "file_damage",
+    "integrity_problems",
+    "is_damage",
+    "is_disk_full",
+    "is_storage_failure",
+    "lock_path",
+    "mark_damaged",
+    "now_ms",
+    "quarantine",
+]
