@@ -3,15 +3,16 @@ resident memory and start-up time as the backlog grows to 10 million readings.
 
     python bench/buffer.py [--readings 10000000] [--step 1000000] [--dir DIR] [--skip-daemon]
 
-1. intake: readings/s through `Buffer.store` (one durable transaction per group of uplinks:
-   WAL, synchronous=FULL, idempotency keys, device counters), and as the baseline, in the same
+1. intake: readings/s through `to_record` + `Buffer.store` (each uplink's series encoded, one
+   durable transaction per group of uplinks: WAL, synchronous=FULL, one compressed chunk,
+   idempotency keys, device counters), and as the baseline, in the same
    run, raw `executemany` of the same readings, one row each, into one table with the same
    journal mode and synchronous setting, committed in the same groups. Target: at least half.
-2. drain: readings/s through `take` + `confirm` (batch formed, gzip, stored, deleted).
+2. drain: readings/s through `Batcher.form` + `Take.confirm` (records taken, message formed
+   and gzipped, confirmed), with the deletions committed (`settle`).
 3. daemon: `hub-gateway run` as a real process (local Mosquitto up, cloud unreachable so the
    backlog stays); the buffer file grows step by step to --readings (filled between runs
-   through the Buffer interface, much faster than the broker, and packed into batches as the
-   running daemon packs a long backlog, `Buffer.compact`); at each step the
+   through the Buffer interface, much faster than the broker); at each step the
    daemon is started, its time to READY=1 (systemd notify socket) taken, and its resident
    memory read from /proc after it has run its bounds and status work. Target: READY < 2 s
    and RSS flat (within 10 MB) from 0 to 10 million.
@@ -34,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.batching import Batcher, Ids, to_record  # noqa: E402
 from gateway.buffer import SEEN_KEPT_ROWS, Buffer, connect, now_ms  # noqa: E402
 from gateway.model import DecodedUplink, DeviceKey, Reading  # noqa: E402
 
@@ -69,10 +71,10 @@ def bench_intake(where: Path, total_uplinks: int) -> tuple[float, float]:
     groups = [uplinks(i, GROUP, now_ms()) for i in range(0, total_uplinks, GROUP)]
     readings = sum(len(u.readings) for g in groups for u in g)
 
-    b = Buffer(where / "intake.db", "gw-bench-01", "acme", "leeds", max_size=100 * 1024**3)
+    b = Buffer(where / "intake.db", max_size=100 * 1024**3)
     started = time.perf_counter()
     for g in groups:
-        b.store(g)
+        b.store([to_record(u) for u in g])
     ours = readings / (time.perf_counter() - started)
     b.close()
 
@@ -96,15 +98,18 @@ def bench_intake(where: Path, total_uplinks: int) -> tuple[float, float]:
 
 def bench_drain(where: Path, total_uplinks: int) -> float:
     """Readings/s taken (batch formed and stored), confirmed and deleted."""
-    b = Buffer(where / "drain.db", "gw-bench-01", "acme", "leeds", max_size=100 * 1024**3)
+    b = Buffer(where / "drain.db", max_size=100 * 1024**3)
     for i in range(0, total_uplinks, GROUP):
-        b.store(uplinks(i, GROUP, now_ms()))
+        b.store([to_record(u) for u in uplinks(i, GROUP, now_ms())])
     b.mark_live()  # all of it is backlog
+    batcher = Batcher(b, Ids("gw-bench-01", "acme", "leeds"))
     started = time.perf_counter()
     drained = 0
-    while (batch := b.take(live=False)) is not None:
-        b.confirm(batch.seq)
+    while (batch := batcher.form(live=False)) is not None:
+        batch.take.confirm()
+        b.settle()
         drained += batch.readings
+    b.settle(force=True)
     rate = drained / (time.perf_counter() - started)
     b.close()
     return rate
@@ -134,12 +139,14 @@ def bench_daemon(where: Path, target: int, step: int) -> list[tuple[int, float, 
         # so every measured step below has a full window and only the backlog differs.
         ready, cold = _start_and_measure(daemon)
         print(f"daemon never used: READY in {ready:.2f} s, RSS {cold:.1f} MiB", flush=True)
-        b = Buffer(path, "gw-test-01", "acme", "leeds", max_size=100 * 1024**3)
+        b = Buffer(path, max_size=100 * 1024**3)
         for n in range(-SEEN_KEPT_ROWS, 0, 10_000):
-            b.store(uplinks(n, 10_000, now_ms()))
+            b.store([to_record(u) for u in uplinks(n, 10_000, now_ms())])
         b.mark_live()
-        while (batch := b.take(live=False)) is not None:
-            b.confirm(batch.seq)
+        batcher = Batcher(b, Ids("gw-test-01", "acme", "leeds"))
+        while (batch := batcher.form(live=False)) is not None:
+            batch.take.confirm()
+            b.settle()
         b.close()
         while True:
             ready, rss = _start_and_measure(daemon)
@@ -151,13 +158,12 @@ def bench_daemon(where: Path, target: int, step: int) -> list[tuple[int, float, 
             )
             if stored >= target:
                 break
-            b = Buffer(path, "gw-test-01", "acme", "leeds", max_size=100 * 1024**3)
+            b = Buffer(path, max_size=100 * 1024**3)
             goal = min(target, stored + step)
             n = stored // READINGS_PER_UPLINK
             while stored < goal:
                 count = min(5000, (goal - stored) // READINGS_PER_UPLINK) or 1
-                b.store(uplinks(n, count, now_ms()))
-                b.compact(max_batches=1000)  # as the running daemon does while the cloud is away
+                b.store([to_record(u) for u in uplinks(n, count, now_ms())])
                 n += count
                 stored += count * READINGS_PER_UPLINK
             b.close()
@@ -201,11 +207,12 @@ def main() -> None:
     try:
         ours, raw = bench_intake(where, args.intake_uplinks)
         print(
-            f"intake  {ours:>12,.0f} readings/s through Buffer.store, groups of {GROUP} uplinks (WAL, FULL); "
+            f"intake  {ours:>12,.0f} readings/s through to_record + Buffer.store, "
+            f"groups of {GROUP} uplinks (WAL, FULL); "
             f"baseline raw executemany {raw:,.0f} readings/s; ratio {ours / raw:.2f} (target >= 0.50)"
         )
         drain = bench_drain(where, args.intake_uplinks)
-        print(f"drain   {drain:>12,.0f} readings/s through take + confirm (gzip batches of <= 120 KiB)")
+        print(f"drain   {drain:>12,.0f} readings/s through Batcher.form + confirm (gzip messages of <= 120 KiB)")
         if not args.skip_daemon:
             results = bench_daemon(where, args.readings, args.step)
             rss = [r[2] for r in results]
