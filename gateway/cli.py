@@ -31,6 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     the codec is not known to give; a map file with no devices) are printed as `warning:` lines.
     """
     from gateway.config import examine_config
+    from gateway.status import certificate_status
 
     path = _config_path(args.config)
     report = examine_config(path)
@@ -58,9 +59,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         buffer_state = "passes PRAGMA integrity_check"
     else:
         buffer_state = "not created yet"
+    certificate = certificate_status(config.settings.cloud)
+    days = f", certificate {certificate['days_left']} days left" if certificate and "days_left" in certificate else ""
     print(
         f"{path}: OK ({len(config.settings.sources)} sources, {len(config.devices)} devices, "
-        f"cloud {config.settings.cloud.kind}; buffer {buffer_state})"
+        f"cloud {config.settings.cloud.kind}{days}; buffer {buffer_state})"
     )
     return EXIT_OK
 
@@ -165,7 +168,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Show the backlog, last publish, dead letters and devices, from the buffer file."""
     from gateway.config import load_settings
-    from gateway.status import format_status, read_status
+    from gateway.status import certificate_status, format_status, read_status
 
     path = _config_path(args.config)
     try:
@@ -187,6 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_PROBLEMS
+    report["certificate"] = certificate_status(settings.cloud)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
 

@@ -150,6 +150,7 @@ def test_enroll_writes_a_certificate_for_a_key_made_here_and_registers_the_thing
         assert b"PRIVATE KEY" not in payload and key_body not in payload.replace(b"\\n", b"")
     assert connects(cloud_broker, certs.ca_cert, cert, key, GATEWAY_ID)
     assert main(["check", "-c", str(cfg)]) == 0
+    assert "certificate 399 days left" in capsys.readouterr().out
 
 
 def test_a_rejected_create_certificate_from_csr_is_reported_with_its_code_and_nothing_is_written(
