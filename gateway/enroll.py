@@ -152,13 +152,14 @@ def enroll(request: EnrollRequest, say: Say) -> Enrolment:
                     )
                 ),
             )
-        except EnrollError as exc:
+        except BaseException as exc:  # a refusal, a timeout, Ctrl-C: the staged files go
             for file in staged:
                 file.discard()
-            exc.add_note(
-                f"certificate {certificate_id} was issued but not registered, so IoT Core never activates it; "
-                f"nothing was written here ({request.cert} and {request.key} are as they were)"
-            )
+            if isinstance(exc, EnrollError):
+                exc.add_note(
+                    f"certificate {certificate_id} was issued but not registered, so IoT Core never activates "
+                    f"it; nothing was written here ({request.cert} and {request.key} are as they were)"
+                )
             raise
         for file in staged:  # the key first: a crash in between leaves a pair `check` calls a mismatch
             file.commit()
@@ -213,6 +214,7 @@ def _preflight(request: EnrollRequest, say: Say) -> None:
             f"the claim key {request.claim_key} is not the key of the claim certificate {request.claim_cert}"
         )
     for dest in (request.key, request.cert):
+        pki.discard_stale(dest)
         try:
             pki.stage(dest, b"", 0o600).discard()
         except OSError as exc:

@@ -10,6 +10,7 @@ directory): a power cut leaves the old file or the new one, never half of one. `
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import pwd
@@ -214,11 +215,22 @@ class StagedFile:
             self.temp.unlink()
 
 
+def _temp_name(dest: Path, pid: int | str) -> Path:
+    return dest.parent / f".{dest.name}.new-{pid}"
+
+
+def discard_stale(dest: Path) -> None:
+    """Remove what a killed enrolment left staged beside `dest` (a key among them)."""
+    for stale in dest.parent.glob(glob.escape(_temp_name(dest, "").name) + "*"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
 def stage(dest: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> StagedFile:
     """Write `data` to a new file beside `dest` with exactly `mode` (whatever the umask) and
     `owner`, and fsync it; `commit()` then puts it in place. The file is created with its final
     mode, so a key is never readable by others, not even for a moment."""
-    temp = dest.parent / f".{dest.name}.new-{os.getpid()}"
+    temp = _temp_name(dest, os.getpid())
     with contextlib.suppress(FileNotFoundError):
         temp.unlink()  # left by an enrolment of this pid that was killed: never another's file
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)

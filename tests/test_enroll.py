@@ -299,6 +299,27 @@ def test_the_key_is_written_0600_whatever_the_umask_and_given_to_the_service_use
     assert key.st_uid == expected
 
 
+def test_what_a_killed_enrolment_left_staged_is_removed(
+    tmp_path: Path,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    claim: KeyPair,
+    responders: list[ProvisioningResponder],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A temporary key and certificate that a killed enroll left beside the destinations (another
+    pid's) are removed by the next enroll, which leaves only the two files."""
+    respond(responders, cloud_broker, certs)
+    cfg = site(tmp_path, cloud_broker, certs, claim)
+    for name in (".private.pem.key.new-999999", ".device.pem.crt.new-999999"):
+        (tmp_path / "certs" / name).write_bytes(b"left by a killed enroll")
+
+    code, _, err = enroll(cfg, capsys)
+
+    assert code == 0, err
+    assert leftovers(tmp_path / "certs") == ["device.pem.crt", "private.pem.key"]
+
+
 def test_no_answer_says_which_topics_were_waited_for(
     tmp_path: Path,
     cloud_broker: Mosquitto,
