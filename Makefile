@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck mosquitto venv clean schema
+.PHONY: demo test lint typecheck mosquitto venv clean schema dist
 
 venv: $(VENV)/.installed
 
@@ -37,7 +37,17 @@ test: venv mosquitto lint typecheck
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-out dist .pytest_cache .mypy_cache .ruff_cache
+
+# An offline install kit in dist/: the project and every dependency as wheels for one platform
+# (pip platform tag) and Python, with install.sh, the unit and the examples; installed on the
+# gateway with `install.sh --offline FILE`, no network (docs/install.md). Builds in a venv of its
+# own, not .venv. Debian 12 / Raspberry Pi OS 64-bit: glibc 2.36, Python 3.11 (the defaults);
+# Debian 13: PLATFORM=manylinux_2_41_<arch> PYTHON_VERSION=3.13.
+PLATFORM ?= manylinux_2_36_$(shell uname -m)
+PYTHON_VERSION ?= 3.11
+dist:
+	PYTHON=$(PYTHON) systemd/dist.sh $(PLATFORM) $(PYTHON_VERSION) dist
 
 # Regenerate the shipped JSON Schemas from the config models (a test checks they match).
 schema: venv

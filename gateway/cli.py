@@ -1,4 +1,4 @@
-"""The command line: run, check, status, schema, demo (SPEC section 3)."""
+"""The command line: run, check, status, enroll, schema, demo (SPEC section 3)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     the codec is not known to give; a map file with no devices) are printed as `warning:` lines.
     """
     from gateway.config import examine_config
+    from gateway.status import certificate_status
 
     path = _config_path(args.config)
     report = examine_config(path)
@@ -58,9 +59,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         buffer_state = "passes PRAGMA integrity_check"
     else:
         buffer_state = "not created yet"
+    certificate = certificate_status(config.settings.cloud)
+    days = f", certificate {certificate['days_left']} days left" if certificate and "days_left" in certificate else ""
     print(
         f"{path}: OK ({len(config.settings.sources)} sources, {len(config.devices)} devices, "
-        f"cloud {config.settings.cloud.kind}; buffer {buffer_state})"
+        f"cloud {config.settings.cloud.kind}{days}; buffer {buffer_state})"
     )
     return EXIT_OK
 
@@ -78,6 +81,80 @@ def buffer_problems(path: Path) -> list[str]:
     return problems
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Fleet provisioning by claim: a key made here, CreateCertificateFromCsr, RegisterThing; the
+    certificate and key written where gateway.yaml's cloud section names them."""
+    from pydantic import ValidationError
+
+    from gateway.config import load_settings
+    from gateway.config.settings import IotCoreCloud, Provisioning
+    from gateway.enroll import EnrollRequest, enroll
+    from gateway.errors import EnrollError
+
+    path = _config_path(args.config)
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    cloud = settings.cloud
+    if not isinstance(cloud, IotCoreCloud):
+        print(f"hub-gateway enroll: {path} has cloud.kind {cloud.kind}; enroll needs cloud.kind iot-core "
+              "(its endpoint, ca, cert and key)", file=sys.stderr)
+        return EXIT_CONFIG
+    section = settings.provisioning or Provisioning()
+    try:  # the options override gateway.yaml key by key, and pass the same checks
+        given = Provisioning(template=args.template, claim_cert=args.claim_cert, claim_key=args.claim_key)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            print(f"hub-gateway enroll: --{str(error['loc'][0]).replace('_', '-')}: "
+                  f"{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return EXIT_CONFIG
+    template = given.template or section.template
+    claim_cert = given.claim_cert or section.claim_cert
+    claim_key = given.claim_key or section.claim_key
+    missing = [
+        f"--{option} (or provisioning.{key} in {path})"
+        for option, key, value in (
+            ("template", "template", template),
+            ("claim-cert", "claim_cert", claim_cert),
+            ("claim-key", "claim_key", claim_key),
+        )
+        if value is None
+    ]
+    if template is None or claim_cert is None or claim_key is None:
+        print(f"hub-gateway enroll: missing {', '.join(missing)}", file=sys.stderr)
+        return EXIT_CONFIG
+    request = EnrollRequest(
+        endpoint=cloud.endpoint,
+        port=cloud.port,
+        ca=cloud.ca,
+        claim_cert=claim_cert,
+        claim_key=claim_key,
+        template=template,
+        thing_name=settings.gateway.id,
+        tenant_id=settings.gateway.tenant_id,
+        site_id=settings.gateway.site_id,
+        cert=cloud.cert,
+        key=cloud.key,
+        timeout_s=args.timeout,
+        force=args.force,
+    )
+    try:
+        enroll(request, say=lambda line: print(line, flush=True))
+    except EnrollError as exc:
+        print(f"hub-gateway enroll: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(f"hub-gateway enroll: {note}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(
+        f"enrolled. Next: hub-gateway check -c {path} (as the daemon's user: sudo -u hub-gateway ...), "
+        "then systemctl start hub-gateway"
+    )
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of gateway.yaml and of device maps."""
     from gateway.schemas import schemas
@@ -91,7 +168,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Show the backlog, last publish, dead letters and devices, from the buffer file."""
     from gateway.config import load_settings
-    from gateway.status import format_status, read_status
+    from gateway.status import certificate_status, format_status, read_status
 
     path = _config_path(args.config)
     try:
@@ -113,6 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_PROBLEMS
+    report["certificate"] = certificate_status(settings.cloud)
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
 
@@ -223,6 +301,28 @@ examples:
   hub-gateway status --json | jq .backlog
 """
 
+_ENROLL_EPILOG = """\
+AWS IoT fleet provisioning by claim. Connects to cloud.endpoint with the claim certificate and
+client id gateway.id, makes a private key here (it never leaves the gateway), asks IoT Core for
+a certificate (CreateCertificateFromCsr), then RegisterThing with the template and the
+parameters ThingName (gateway.id), TenantId and SiteId. Only when both are accepted are the
+certificate and key written where cloud.cert and cloud.key say (key mode 0600, owned by the
+hub-gateway user when run as root). --template, --claim-cert and --claim-key override the
+provisioning section of gateway.yaml. IoT Core's set-up: config/aws/README.md.
+
+exit status:
+  0  enrolled
+  1  not enrolled: IoT Core refused (its code and message are printed), no answer in time
+     (what was waited for is printed), or a working certificate is there and --force not given
+  2  gateway.yaml does not validate, its cloud is not iot-core, or no template or claim is named
+
+example:
+  hub-gateway enroll -c /etc/hub-gateway/gateway.yaml --template hub-gateway \\
+      --claim-cert /etc/hub-gateway/certs/claim.pem.crt \\
+      --claim-key /etc/hub-gateway/certs/claim.private.pem.key
+  (as root, with sudo: the key is then given to the hub-gateway user)
+"""
+
 _SCHEMA_EPILOG = """\
 examples:
   hub-gateway schema gateway > config/schema/gateway.schema.json
@@ -278,6 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help=config_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "enroll",
+        help="get this gateway's certificate from IoT Core (fleet provisioning by claim)",
+        description="Enrol this gateway in AWS IoT Core by claim: a key made here, its certificate, the thing.",
+        epilog=_ENROLL_EPILOG,
+        formatter_class=raw,
+    )
+    p.add_argument("-c", "--config", help=config_help)
+    p.add_argument("--template", help="provisioning template name (default: provisioning.template)")
+    p.add_argument("--claim-cert", metavar="FILE", help="claim certificate (default: provisioning.claim_cert)")
+    p.add_argument("--claim-key", metavar="FILE", help="claim private key (default: provisioning.claim_key)")
+    p.add_argument("--force", action="store_true", help="replace a working certificate and key")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the connection and for each answer (default 30)",
+    )
+    p.set_defaults(func=cmd_enroll)
 
     p = sub.add_parser(
         "schema",

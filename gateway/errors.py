@@ -61,3 +61,23 @@ class BufferBusyError(GatewayError):
 
 class BufferLostError(GatewayError):
     """The buffer file was deleted or replaced under the running daemon, or cannot be written."""
+
+
+class EnrollError(GatewayError):
+    """`hub-gateway enroll` did not complete; the message says what happened and what was written."""
+
+
+class EnrollRefused(EnrollError):
+    """IoT Core answered on a rejected topic; keeps its status code, error code and message."""
+
+    def __init__(self, operation: str, status_code: int | None, error_code: str | None, message: str | None) -> None:
+        self.operation = operation
+        self.status_code = status_code
+        self.error_code = error_code
+        self.error_message = message
+        code = " ".join(str(part) for part in (status_code, error_code) if part is not None) or "no code"
+        super().__init__(f"IoT Core refused {operation}: [{code}] {message or '(no message)'}")
+
+
+class EnrollTimeout(EnrollError):
+    """Something `enroll` waits for (the connection, an answer) did not come in time."""

@@ -201,7 +201,7 @@ def test_run_help_lists_exit_codes_and_signals(capsys: pytest.CaptureFixture[str
     assert any(line.startswith("SIGHUP           reload the device maps") for line in lines)
 
 
-@pytest.mark.parametrize("command", ["run", "check", "status", "schema", "demo"])
+@pytest.mark.parametrize("command", ["run", "check", "status", "enroll", "schema", "demo"])
 def test_every_command_help_has_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Each command's --help ends with an example of the command itself, laid out as written."""
     text = help_of([command, "--help"], capsys)

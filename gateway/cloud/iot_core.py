@@ -181,14 +181,14 @@ class IotCorePublisher:
         )
 
     def _on_failure(self, data: mqtt5.LifecycleConnectFailureData) -> None:
-        reason = _describe(data)
+        reason = describe_lifecycle(data)
         if reason != self.last_error:
             log.warning("cannot connect to cloud", endpoint=self._settings.endpoint, reason=reason)
         self.last_error = reason
 
     def _on_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
         self._connected.clear()
-        reason = _describe(data)
+        reason = describe_lifecycle(data)
         self.last_error = reason
         log.warning("disconnected from cloud", reason=reason)
 
@@ -223,13 +223,17 @@ def _varint_size(n: int) -> int:
     return size
 
 
-def _describe(data: Any) -> str:
+def describe_lifecycle(data: Any) -> str:
+    """What a connection failure or disconnection says: reason code, reason string, error."""
     packet = getattr(data, "connack_packet", None) or getattr(data, "disconnect_packet", None)
     code = getattr(packet, "reason_code", None) if packet is not None else None
+    reason = getattr(packet, "reason_string", None) if packet is not None else None
     err = getattr(data, "exception", None)
     parts = []
     if code is not None:
         parts.append(f"[code:{int(code)}] {getattr(code, 'name', '')}".strip())
+    if reason:
+        parts.append(str(reason))
     if err is not None:
         parts.append(str(err))
     return " ".join(parts) or "unknown"

@@ -316,17 +316,20 @@ def load_config(path: Path | str, check_certs: bool = True) -> Config:
 
     The device maps are checked even when gateway.yaml has problems (with the globs it names,
     if those are readable), so one run of `check` shows everything. `check_certs` also checks
-    the files gateway.yaml names: certificates, keys, the buffer's directory.
+    the files gateway.yaml names: certificates, keys, the buffer's directory. An expired
+    certificate is a warning here (`run` keeps buffering while the cloud refuses it), where
+    `check` (`examine_config`) calls it a problem.
     """
-    report = examine_config(path, check_certs)
+    report = examine_config(path, check_certs, strict=False)
     if report.config is None:
         raise ConfigError(report.problems)
     return report.config
 
 
-def examine_config(path: Path | str, check_certs: bool = True) -> ConfigReport:
+def examine_config(path: Path | str, check_certs: bool = True, strict: bool = True) -> ConfigReport:
     """Like `load_config`, but return the problems and warnings instead of raising: for `check`,
-    which prints the warnings found alongside problems too."""
+    which prints the warnings found alongside problems too. `strict`: an expired certificate or a
+    CA file that contradicts its chain is a problem, not a warning."""
     path = Path(path)
     settings, problems = _load_settings(path)
     warnings: list[Problem] = []
@@ -339,7 +342,9 @@ def examine_config(path: Path | str, check_certs: bool = True) -> ConfigReport:
         line, col = load_yaml(path).locate(["devices"])
         warnings.append(Problem(str(path), line, col, "devices: names no device-map file; every uplink is unmapped"))
     if check_certs and settings is not None:
-        problems += check_files(settings, path)
+        file_problems, file_warnings = check_files(settings, path, strict)
+        problems += file_problems
+        warnings += file_warnings
         errors, notes = buffer_path_problems(settings.buffer.path, load_yaml(path))
         problems += errors
         warnings += notes

@@ -1,38 +1,97 @@
 """The files gateway.yaml names: certificates and keys (exist, PEM, mode, unencrypted, the
-certificate's own), password files, and the buffer's directory."""
+certificate's own, days left, the CA file against the chain), password files, and the buffer's
+directory."""
 
 from __future__ import annotations
 
 import os
 import pwd
 import ssl
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gateway import pki
 from gateway.config.settings import IotCoreCloud, Settings
 from gateway.config.yamlfile import YamlDocument, load_yaml
 from gateway.errors import ConfigError, Problem
 
+_RENEW_CLOUD = "renew it: sudo hub-gateway enroll --force, or a new certificate from IoT Core (config/aws/README.md)"
+_RENEW_BROKER = "renew it from the CA that signed it"
 
-def check_files(settings: Settings, path: Path) -> list[Problem]:
-    """Problems with the files gateway.yaml names: certificates and keys (exist, PEM, mode, the key
-    unencrypted and the certificate's own)."""
+
+def check_files(settings: Settings, path: Path, strict: bool = True) -> tuple[list[Problem], list[Problem]]:
+    """Problems and warnings about the files gateway.yaml names: certificates and keys (exist, PEM,
+    mode, the key unencrypted and the certificate's own, days left, the CA file against the chain).
+
+    `strict` (`check`) makes an expired certificate, or a CA file that contradicts the chain, a
+    problem; without it (`run`) they are warnings: the daemon keeps buffering readings while the
+    cloud refuses it, where refusing to start would leave them to the local broker's queue.
+    """
     problems: list[Problem] = []
+    warnings: list[Problem] = []
     try:
         doc = load_yaml(path)
     except ConfigError as exc:
-        return exc.problems
+        return exc.problems, []
+    now = pki.now_utc()
     cloud = settings.cloud
+    tls_clients: list[tuple[list[Any], Path, Path | None, Path | None, str]] = []
     if isinstance(cloud, IotCoreCloud):
-        problems += _check_tls_files(doc, ["cloud"], cloud.ca, cloud.cert, cloud.key)
+        tls_clients.append((["cloud"], cloud.ca, cloud.cert, cloud.key, _RENEW_CLOUD))
     for i, source in enumerate(settings.sources):
         tls = source.broker.tls
         if tls is not None:
-            problems += _check_tls_files(doc, ["sources", i, "broker", "tls"], tls.ca, tls.cert, tls.key)
+            tls_clients.append((["sources", i, "broker", "tls"], tls.ca, tls.cert, tls.key, _RENEW_BROKER))
         if source.broker.password_file is not None:
             loc = ["sources", i, "broker", "password_file"]
             problems += _check_secret_file(source.broker.password_file, doc, loc)
-    return problems
+    for at, ca, cert, key, renew in tls_clients:
+        problems += _check_tls_files(doc, at, ca, cert, key)
+        if cert is not None:
+            errors, notes = _check_certificate(doc, at, ca, cert, now, renew)
+            (problems if strict else warnings).extend(errors)
+            warnings += notes
+    return problems, warnings
+
+
+def _check_certificate(
+    doc: YamlDocument, at: list[Any], ca: Path, cert: Path, now: datetime, renew: str
+) -> tuple[list[Problem], list[Problem]]:
+    """Days left (expired: an error; fewer than 30: a warning; not yet valid: a warning about the
+    clock) and the CA file against the certificate's chain, where it names the issuer."""
+    where = ".".join(map(str, at))
+    name = str(doc.path)
+    line, col = doc.locate([*at, "cert"])
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    try:
+        validity = pki.certificate_validity(cert)
+    except (OSError, ValueError):
+        return [], []  # the PEM and pair checks have said why
+    try:
+        chain = pki.chain_problems(cert, ca, now)
+    except OSError:
+        chain = []  # the PEM check has said why
+    except ValueError as exc:  # BEGIN CERTIFICATE, then nothing a certificate is made of
+        chain = [str(exc)]
+    if validity.expired(now):
+        errors.append(Problem(name, line, col, f"{where}.cert: {cert} {validity.describe(now)}; {renew}"))
+    elif validity.days_left(now) < pki.EXPIRY_WARNING_DAYS:
+        warnings.append(Problem(name, line, col, f"{where}.cert: {cert} {validity.describe(now)}; {renew}"))
+    if now < validity.not_before:
+        warnings.append(
+            Problem(
+                name,
+                line,
+                col,
+                f"{where}.cert: {cert} is not valid before {validity.not_before:%Y-%m-%d %H:%M} UTC by this "
+                "gateway's clock: is the clock right (timedatectl)?",
+            )
+        )
+    ca_line, ca_col = doc.locate([*at, "ca"])
+    errors += [Problem(name, ca_line, ca_col, f"{where}.ca: {text}") for text in chain]
+    return errors, warnings
 
 
 def _check_tls_files(doc: YamlDocument, at: list[Any], ca: Path, cert: Path | None, key: Path | None) -> list[Problem]:
@@ -137,7 +196,10 @@ def _check_pem(file: Path, kind: str, doc: YamlDocument, loc: list[Any]) -> Prob
     try:
         head = file.read_bytes()[: 1 << 16]
     except OSError as exc:
-        return Problem(name, line, col, f"{where}: cannot read {file}: {exc.strerror}")
+        hint = ""
+        if isinstance(exc, FileNotFoundError) and loc in (["cloud", "cert"], ["cloud", "key"]):
+            hint = "; not enrolled yet? sudo hub-gateway enroll (config/aws/README.md)"
+        return Problem(name, line, col, f"{where}: cannot read {file}: {exc.strerror}{hint}")
     if b"-----BEGIN " not in head or kind.encode() not in head:
         return Problem(name, line, col, f"{where}: {file} is not a PEM {kind.lower()}")
     return None

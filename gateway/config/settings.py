@@ -204,6 +204,31 @@ class BatchSettings(Strict):
         return value
 
 
+class Provisioning(Strict):
+    """`hub-gateway enroll`: AWS IoT fleet provisioning by claim. Read by `enroll` only (its
+    command-line options override each key); `check` and `run` never open the claim files, which
+    a site may delete once the gateway is enrolled."""
+
+    template: str | None = Field(
+        default=None,
+        description="Name of the fleet provisioning template in IoT Core (1-36 letters, digits, '_' or '-').",
+    )
+    claim_cert: RelPath | None = Field(
+        default=None, description="The claim certificate shared by the fleet (PEM), allowed by the claim policy."
+    )
+    claim_key: RelPath | None = Field(
+        default=None, description="The claim certificate's private key (PEM); must not be readable by group or others."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template_name(cls, value: str | None) -> str | None:
+        # IoT Core's rule for template names; it also keeps the name a single, literal topic level.
+        if value is not None and not re.fullmatch(r"[0-9A-Za-z_-]{1,36}", value):
+            raise ValueError("a provisioning template name is 1-36 letters, digits, '_' or '-'")
+        return value
+
+
 class LogSettings(Strict):
     """Logging."""
 
@@ -225,6 +250,9 @@ class Settings(Strict):
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching.")
     devices: list[str] = Field(default=["devices/*.yaml"], description="Device-map files: globs relative to this file.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    provisioning: Provisioning | None = Field(
+        default=None, description="Fleet provisioning by claim, for `hub-gateway enroll`; absent = options only."
+    )
 
     @model_validator(mode="after")
     def _distinct_client_ids(self) -> Settings:

@@ -1,7 +1,10 @@
 """A throwaway PKI for integration tests: one CA, a loopback server cert, client certs.
 
-Everything is made with the `openssl` CLI (no Python crypto dependency). RSA 2048 keys,
-SHA-256 signatures and two-day validity, like the device certificates IoT Core issues.
+The CA and the certificates of brokers and clients are made with the `openssl` CLI: RSA 2048
+keys, SHA-256 signatures, 400 days of validity (`check` warns about a certificate with fewer than
+30 days left, which every test would then see). Certificates with chosen dates (expired, about
+to expire: openssl 3.0's `x509 -req` cannot date one in the past) and certificates for a CSR (the
+fleet-provisioning stand-in) are signed with the `cryptography` package, with the same CA key.
 
 File modes: private keys are 0600 (the gateway refuses a key readable by group or others),
 certificates 0644. Mosquitto reads the CA, server cert and server key; when the tests run as
@@ -16,9 +19,15 @@ import re
 import secrets
 import subprocess
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-VALID_DAYS = 2
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALID_DAYS = 400
 KEY_BITS = 2048
 
 # A config of our own so that the host's openssl.cnf (or an OPENSSL_CONF pointing
@@ -85,6 +94,51 @@ class CertAuthority:
         """Issue a client cert with CN=client_id; reuses an earlier one of the same name."""
         return self._issue(f"client-{client_id}", subject=f"/CN={client_id}", extensions="client")
 
+    def issue_dated(self, client_id: str, not_before: datetime, not_after: datetime) -> KeyPair:
+        """A client cert (CN=client_id, key ECDSA P-256, mode 0600) valid only between these times."""
+        _check_name(client_id)
+        pair = KeyPair(self.directory / f"dated-{client_id}.crt", self.directory / f"dated-{client_id}.key")
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, client_id)])
+        pair.cert.write_bytes(self._sign(key.public_key(), subject, not_before, not_after).public_bytes(_PEM))
+        pair.cert.chmod(0o644)
+        pair.key.unlink(missing_ok=True)
+        os.close(os.open(pair.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        pair.key.write_bytes(
+            key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        return pair
+
+    def sign_csr(self, csr_pem: str, days: int = VALID_DAYS) -> str:
+        """A client certificate for the key of a PEM CSR, as IoT Core's CreateCertificateFromCsr
+        returns one (subject CN "AWS IoT Certificate", whatever the CSR asked for)."""
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+        if not csr.is_signature_valid:
+            raise CertError("the CSR's signature does not verify")
+        now = datetime.now(UTC)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AWS IoT Certificate")])
+        issued = self._sign(csr.public_key(), subject, now - timedelta(minutes=5), now + timedelta(days=days))
+        return issued.public_bytes(_PEM).decode()
+
+    def _sign(
+        self, public_key: x509.CertificatePublicKeyTypes, subject: x509.Name, not_before: datetime, not_after: datetime
+    ) -> x509.Certificate:
+        ca_cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+        assert isinstance(ca_key, rsa.RSAPrivateKey)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        )
+        return builder.sign(ca_key, hashes.SHA256())
+
     def _issue(self, name: str, *, subject: str, extensions: str) -> KeyPair:
         _check_name(name)
         pair = KeyPair(self.directory / f"{name}.crt", self.directory / f"{name}.key")
@@ -121,6 +175,9 @@ class TestCerts:
     def client(self, client_id: str) -> KeyPair:
         """A client cert (CN=client_id) signed by the test CA; key mode 0600."""
         return self.ca.issue_client(client_id)
+
+
+_PEM = serialization.Encoding.PEM
 
 
 def make_ca(directory: Path, name: str = "test-ca") -> CertAuthority:
