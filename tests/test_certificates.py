@@ -48,7 +48,7 @@ def test_check_and_status_say_how_many_days_the_certificate_has_left(
     assert code == 0
     assert lines[-1].startswith(f"certificate:   {pair.cert} valid until ") and lines[-1].endswith(", 400 days left")
 
-    Buffer(tmp_path / "buffer.db", "gw-t-01", "acme", "leeds").close()
+    Buffer(tmp_path / "buffer.db").close()
     code, lines = run_cli(capsys, "status", "-c", str(cfg))
     assert code == 0 and any(line.endswith(", 400 days left") for line in lines)
 
