@@ -77,10 +77,10 @@ class Core:
     def __init__(
         self,
         path: Path | str,
+        *,
         max_size: int = 1024**3,
         max_age_s: float = 7 * 86400.0,
         when_full: str = "drop-oldest",
-        *,
         free_space: FreeSpace = disk_free,
         clock: Callable[[], int] = now_ms,
         monotonic: Callable[[], float] = time.monotonic,
