@@ -18,7 +18,7 @@ from gateway.buffer.files import connect, now_ms
 from gateway.buffer.schema import file_totals
 
 #: A heartbeat older than this means the daemon that wrote it is not running.
-HEARTBEAT_STALE_MS = 180_000
+HEARTBEAT_STALE_MS = 60_000
 
 
 def _pid_alive(pid: int) -> bool:
