@@ -1,7 +1,7 @@
 """Intake speed: the real daemon between two real brokers, against a bare MQTT subscriber (issue 11).
 
-    python bench/intake.py [--uplinks 30000] [--seconds 60] [--warmup 15] [--catch-up 100000]
-                           [--only a,b,c,d] [--dir DIR] [--py-spy PATH]
+    python bench/intake.py [--uplinks 30000] [--repeat 3] [--seconds 60] [--warmup 15]
+                           [--catch-up 100000] [--only a,b,c,d] [--dir DIR] [--py-spy PATH]
 
 The real daemon (`hub-gateway run`, tests/support/daemon.py) takes ChirpStack v4 uplink events
 from a plain local Mosquitto (ChirpStack's broker) and publishes to a TLS Mosquitto with client
@@ -17,7 +17,8 @@ and a fresh buffer under --dir, each printing result lines with figure and unit:
     the same local broker: a bare paho MQTT v5 subscriber with what the daemon's subscription
     has (persistent session, QoS 1, Receive Maximum 1000, manual acks) that only counts and
     acknowledges the same burst. Also printed: when the daemon had committed every uplink (its
-    buffer's seen_log, which each commit appends to) and the CPU it used.
+    buffer's seen_log, which each commit appends to) and the CPU it used. --repeat runs, each on
+    fresh brokers and buffer, each printed, then the medians (a shared machine is noisy).
 (b) the same with `encoding: protobuf` (binary ChirpStack events).
 (c) the daemon's CPU time (utime + stime of /proc/PID/stat) as a share of one core at the seed
     site's load (gateway.demo_site.SimulatedSite: 45 current clamps at one uplink a second, 15
@@ -27,15 +28,17 @@ and a fresh buffer under --dir, each printing result lines with figure and unit:
     seconds from its start until every uplink is committed (its buffer's seen_log, polled
     read-only) and until every reading has arrived at the stand-in.
 
-The publisher and the bare subscriber are forked processes, as the daemon is its own process,
+The publisher and the bare subscriber are forked processes (the publisher keeps up to 100 in
+flight, 1000 queued), as the daemon is its own process,
 so no two of them share a GIL; the stand-in's reader (which decodes what arrives) runs in this
 process. Every count is checked: the bare subscriber must see each message exactly once, the
 stand-in every reading (duplicates are counted and printed), the daemon's status no dead letter
 and no unmapped uplink, and the local broker's log no "dropped". A shortfall stops the bench.
 
 With --py-spy (path of a py-spy executable, e.g. from a scratch venv: it is not a project
-dependency), the daemon is sampled during (a)'s burst and the top 15 functions by own samples
-are printed; the figures of such a run carry the sampler's overhead and are marked so.
+dependency), (a) runs once more with the daemon sampled during the burst (`py-spy record --gil`:
+where its Python CPU goes) and prints the share per thread and the top 15 functions by own
+samples; that run carries the sampler's overhead and is left out of the medians.
 
 Needs the project importable, Mosquitto installed, and --dir (default a temporary directory
 under /var/tmp) on a real disk: the buffer fsyncs as in production.
@@ -51,6 +54,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +94,8 @@ LOCAL_QUEUE_LIMIT = 10_000_000
 #: What the README asks of a site's broker "if bursts matter"; IoT Core's per-client limit.
 LOCAL_INFLIGHT = 100
 CLOUD_INFLIGHT = 100
+#: Messages the publisher lets wait in paho beyond those in flight.
+PUBLISH_QUEUE = 1000
 #: The shipped defaults (tests/support/daemon.py's own are tuned for fast tests).
 PRODUCTION_BATCH = "{max_delay: 5s, max_bytes: 120KiB, compression: gzip}"
 POLL_S = 0.05
@@ -260,13 +266,16 @@ def _publisher(broker: Mosquitto, messages: Sequence[Message], conn: multiproces
     (first publish, all PUBACKs in, refused) on the monotonic clock, which all processes share."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-publisher", protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(LOCAL_INFLIGHT)
-    client.max_queued_messages_set(0)  # no limit: paho queues what is beyond the window
+    # paho keys unacknowledged messages by their 16-bit packet id: more than 65,535 queued in it
+    # at once overwrite each other and are never sent. So at most PUBLISH_QUEUE wait in paho.
+    room = threading.Semaphore(PUBLISH_QUEUE)
     connected, done = threading.Event(), threading.Event()
     acked = refused = 0
     lock = threading.Lock()
 
     def on_publish(c: mqtt.Client, u: Any, mid: int, reason: Any, props: Any) -> None:
         nonlocal acked, refused
+        room.release()
         with lock:
             acked += 1
             refused += int(reason.is_failure)
@@ -281,6 +290,9 @@ def _publisher(broker: Mosquitto, messages: Sequence[Message], conn: multiproces
         return
     first = time.monotonic()
     for t, payload in messages:
+        if not room.acquire(timeout=60):
+            conn.send(("error", f"publisher: no PUBACK for 60 s after {acked} of {len(messages)}"))
+            return
         client.publish(t, payload, qos=1)
     if not done.wait(600):
         conn.send(("error", f"publisher: {acked} of {len(messages)} PUBACKs in 600 s"))
@@ -498,7 +510,7 @@ class Sampler:
             return ["py-spy: no samples"]
         lines = [f"py-spy --gil: {samples:,} samples over {seconds:.1f} s at {self.RATE} Hz: the GIL was held "
                  f"{samples / (seconds * self.RATE):.0%} of the time; by thread:"]
-        lines += [f"  thread {name:<20} {n / samples:6.1%}" for name, n in threads.most_common()]
+        lines += [f"  thread {name:<44} {n / samples:6.1%}" for name, n in threads.most_common()]
         lines.append(f"  {'own':>6} {'total':>6}  function (file:first line), top {PROFILE_TOP} by own samples")
         for frame, n in own.most_common(PROFILE_TOP):
             lines.append(f"  {n / samples:6.1%} {total[frame] / samples:6.1%}  {frame}")
@@ -515,15 +527,30 @@ def _short(frame: str) -> str:
 # -- the parts ---------------------------------------------------------------------------
 
 
-def part_burst(where: Path, certs: TestCerts, n: int, encoding: str, py_spy: str | None) -> None:
-    """(a) or (b): the bare subscriber, then the daemon, drain the same burst."""
-    part = "a" if encoding == "json" else "b"
-    messages = burst(n, encoding, f"{part}")
-    size = sum(len(p) for _, p in messages) / n
+@dataclass
+class BurstRun:
+    """One repetition of (a) or (b): the same burst through the bare subscriber, then the daemon."""
+
+    bare: Drain
+    daemon: Drain  # finished: every reading at the stand-in
+    committed: float  # seconds from the first publish until every uplink was committed
+    cpu: float  # the daemon's CPU seconds over its drain
+    messages: int  # at the stand-in
+    duplicates: int  # rows at the stand-in more than once
+    profile: list[str]
+
+    @property
+    def ratio(self) -> float:
+        return self.daemon.rate / self.bare.rate
+
+
+def burst_once(where: Path, certs: TestCerts, messages: list[Message], encoding: str, py_spy: str | None) -> BurstRun:
+    """Fresh brokers and buffer; the bare subscriber drains the burst, then the daemon does."""
+    n = len(messages)
     with rig(where, certs) as r:
         bare = bare_drain(r.local, messages)
         daemon = make_daemon(r, burst_devices_yaml(), encoding)
-        cloud = CloudRows(r, f"cloud-reader-{part}")
+        cloud = CloudRows(r, "cloud-reader")
         buffer = daemon.workdir / "buffer.db"
         try:
             daemon.start()
@@ -538,14 +565,14 @@ def part_burst(where: Path, certs: TestCerts, n: int, encoding: str, py_spy: str
                 return cloud.poll(n * READINGS_PER_UPLINK) >= n * READINGS_PER_UPLINK
 
             first, published = publish_all(r.local, messages)
-            wait_until(f"({part}) every reading at the stand-in", all_in, max(120.0, n / 50), daemon)
+            wait_until("every reading at the stand-in", all_in, max(120.0, n / 50), daemon)
             assert cloud.reached_at is not None
             cpu = cpu_seconds(pid) - cpu0
             profile = sampler.stop() if sampler else []
-            if not committed_at:
-                wait_until(f"({part}) seen_log", lambda: committed_uplinks(buffer) >= n, 30, daemon)
+            if not committed_at:  # the poll missed it between two stand-in messages
+                wait_until("seen_log", lambda: committed_uplinks(buffer) >= n, 30, daemon)
                 committed_at.append(time.monotonic())
-            time.sleep(1.0)
+            time.sleep(1.0)  # a duplicate, if any, would come now
             cloud.poll()
             daemon.stop()
             check_daemon_counts(daemon, n)
@@ -553,24 +580,52 @@ def part_burst(where: Path, certs: TestCerts, n: int, encoding: str, py_spy: str
         finally:
             cloud.close()
             daemon.close()
-    run = Drain(n, first, published, cloud.reached_at)
-    mark = " (under py-spy)" if py_spy else ""
-    print(f"({part}) {encoding:<8} bare subscriber {bare.rate:10,.0f} uplinks/s  ({n:,} uplinks of {size:,.0f} B "
-          f"in {bare.seconds:.2f} s from the first publish; "
-          f"publisher done at {bare.published - bare.first_publish:.2f} s)", flush=True)
-    print(f"({part}) {encoding:<8} daemon          {run.rate:10,.0f} uplinks/s  end to end{mark} "
-          f"({n * READINGS_PER_UPLINK:,} readings at the stand-in in {run.seconds:.2f} s, "
-          f"{cloud.messages} messages, {cloud.duplicates} duplicate rows; "
-          f"publisher done at {published - first:.2f} s)", flush=True)
-    print(f"({part}) {encoding:<8} daemon commits  {n / (committed_at[0] - first):10,.0f} uplinks/s  (every uplink "
-          f"committed {committed_at[0] - first:.2f} s after the first publish)", flush=True)
-    print(f"({part}) {encoding:<8} daemon CPU      {cpu / run.seconds:10.0%} of one core  ({cpu:.1f} s CPU, "
-          f"{cpu / n * 1e6:,.0f} us per uplink)", flush=True)
-    ratio = run.rate / bare.rate
-    print(f"({part}) {encoding:<8} ratio           {ratio:10.2f} daemon/bare  (target >= 0.6: "
+    drained = Drain(n, first, published, cloud.reached_at)
+    return BurstRun(bare, drained, committed_at[0] - first, cpu, cloud.messages, cloud.duplicates, profile)
+
+
+def part_burst(where: Path, certs: TestCerts, n: int, encoding: str, repeat: int, py_spy: str | None) -> None:
+    """(a) or (b): `repeat` runs, each line printed, then the medians; with py_spy one more run
+    under the sampler, printed apart and left out of the medians."""
+    part = "a" if encoding == "json" else "b"
+    tag = f"({part}) {encoding:<8}"
+    messages = burst(n, encoding, part)
+    size = sum(len(p) for _, p in messages) / n
+    print(f"{tag} burst of {n:,} uplinks of {size:,.0f} B ({n * READINGS_PER_UPLINK:,} readings), "
+          f"{repeat} runs on fresh brokers and buffer", flush=True)
+    runs = []
+    for i in range(repeat):
+        run = burst_once(where / f"run{i + 1}", certs, messages, encoding, None)
+        runs.append(run)
+        _print_run(f"{tag} run {i + 1}", run)
+    bare = statistics.median(r.bare.rate for r in runs)
+    daemon = statistics.median(r.daemon.rate for r in runs)
+    committed = statistics.median(n / r.committed for r in runs)
+    cpu = statistics.median(r.cpu / r.daemon.seconds for r in runs)
+    ratio = statistics.median(r.ratio for r in runs)
+    print(f"{tag} bare subscriber {bare:10,.0f} uplinks/s  median of {repeat} (first publish to last message)",
+          flush=True)
+    print(f"{tag} daemon          {daemon:10,.0f} uplinks/s  median, end to end (first publish to the last "
+          f"reading at the stand-in)", flush=True)
+    print(f"{tag} daemon commits  {committed:10,.0f} uplinks/s  median (first publish to every uplink committed)",
+          flush=True)
+    print(f"{tag} daemon CPU      {cpu:10.0%} of one core  median, over its drain", flush=True)
+    print(f"{tag} ratio           {ratio:10.2f} daemon/bare  median of the runs' ratios (target >= 0.6: "
           f"{'met' if ratio >= 0.6 else 'MISSED'})", flush=True)
-    for line in profile:
-        print(f"({part}) {line}", flush=True)
+    if py_spy:
+        run = burst_once(where / "profiled", certs, messages, encoding, py_spy)
+        _print_run(f"{tag} under py-spy", run)
+        for line in run.profile:
+            print(f"{tag} {line}", flush=True)
+
+
+def _print_run(tag: str, run: BurstRun) -> None:
+    print(f"{tag}: bare {run.bare.rate:,.0f} uplinks/s ({run.bare.seconds:.2f} s; publisher done at "
+          f"{run.bare.published - run.bare.first_publish:.2f} s); daemon {run.daemon.rate:,.0f} uplinks/s "
+          f"end to end ({run.daemon.seconds:.2f} s; publisher done at "
+          f"{run.daemon.published - run.daemon.first_publish:.2f} s; all committed at {run.committed:.2f} s; "
+          f"{run.messages} messages, {run.duplicates} duplicate rows; CPU {run.cpu:.1f} s, "
+          f"{run.cpu / run.daemon.seconds:.0%} of a core); ratio {run.ratio:.2f}", flush=True)
 
 
 def part_cpu(where: Path, certs: TestCerts, seconds: float, warmup: float) -> None:
@@ -665,6 +720,7 @@ def part_catch_up(where: Path, certs: TestCerts, n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--uplinks", type=int, default=30_000, help="burst size for (a) and (b)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of (a) and (b); medians are printed")
     parser.add_argument("--seconds", type=float, default=60.0, help="measuring window of (c)")
     parser.add_argument("--warmup", type=float, default=15.0, help="warm-up before (c)'s window")
     parser.add_argument("--catch-up", type=int, default=100_000, help="uplinks queued for (d)")
@@ -679,9 +735,9 @@ def main() -> None:
     try:
         certs = make_test_certs(base / "certs")
         if "a" in parts:
-            part_burst(base / "a", certs, args.uplinks, "json", args.py_spy)
+            part_burst(base / "a", certs, args.uplinks, "json", args.repeat, args.py_spy)
         if "b" in parts:
-            part_burst(base / "b", certs, args.uplinks, "protobuf", None)
+            part_burst(base / "b", certs, args.uplinks, "protobuf", args.repeat, None)
         if "c" in parts:
             part_cpu(base / "c", certs, args.seconds, args.warmup)
         if "d" in parts:
