@@ -17,7 +17,7 @@ and a fresh buffer under --dir, each printing result lines with figure and unit:
     the same local broker: a bare paho MQTT v5 subscriber with what the daemon's subscription
     has (persistent session, QoS 1, Receive Maximum 1000, manual acks) that only counts and
     acknowledges the same burst. Also printed: when the daemon had committed every uplink (its
-    buffer's seen_log, which each commit appends to) and the CPU it used. --repeat runs, each on
+    buffer's key digests, which each commit writes) and the CPU it used. --repeat runs, each on
     fresh brokers and buffer, each printed, then the medians (a shared machine is noisy).
 (b) the same with `encoding: protobuf` (binary ChirpStack events).
 (c) the daemon's CPU time (utime + stime of /proc/PID/stat) as a share of one core at the seed
@@ -25,7 +25,7 @@ and a fresh buffer under --dir, each printing result lines with figure and unit:
     air-quality units every 30 s) over --seconds after --warmup.
 (d) catch-up: the daemon runs once so that its persistent session exists, stops; --catch-up
     uplinks are published and queue at the local broker; the daemon starts again. Printed: the
-    seconds from its start until every uplink is committed (its buffer's seen_log, polled
+    seconds from its start until every uplink is committed (its buffer's key digests, polled
     read-only) and until every reading has arrived at the stand-in.
 
 The publisher and the bare subscriber are forked processes (the publisher keeps up to 100 in
@@ -185,13 +185,19 @@ def cpu_seconds(pid: int) -> float:
 
 
 def committed_uplinks(buffer: Path) -> int:
-    """Uplinks the daemon has committed so far: each commit appends their keys to seen_log
-    (its ids only grow; pruning deletes the oldest). Read-only, so it never blocks a writer."""
+    """Uplinks the daemon has committed so far: each commit writes their 8-byte key digests
+    with its chunk, and they move to `seen` when the chunk is sent and deleted (pruned only past
+    100,000 keys). A measurement that reads the file's tables, read-only, so it never blocks
+    the writer; the daemon's own counts reach the file only with its heartbeat."""
     if not buffer.exists():
         return 0
     db = sqlite3.connect(f"file:{buffer}?mode=ro", uri=True, timeout=5)
     try:
-        return int(db.execute("SELECT coalesce(max(id), 0) FROM seen_log").fetchone()[0])
+        db.execute("BEGIN")  # one snapshot: a key is in one table or the other
+        return sum(
+            int(db.execute(f"SELECT coalesce(sum(length(keys)), 0) FROM {table}").fetchone()[0]) // 8
+            for table in ("chunks", "seen")
+        )
     except sqlite3.OperationalError:  # not created yet
         return 0
     finally:
@@ -570,7 +576,7 @@ def burst_once(where: Path, certs: TestCerts, messages: list[Message], encoding:
             cpu = cpu_seconds(pid) - cpu0
             profile = sampler.stop() if sampler else []
             if not committed_at:  # the poll missed it between two stand-in messages
-                wait_until("seen_log", lambda: committed_uplinks(buffer) >= n, 30, daemon)
+                wait_until("committed keys", lambda: committed_uplinks(buffer) >= n, 30, daemon)
                 committed_at.append(time.monotonic())
             time.sleep(1.0)  # a duplicate, if any, would come now
             cloud.poll()
@@ -711,7 +717,7 @@ def part_catch_up(where: Path, certs: TestCerts, n: int) -> None:
           flush=True)
     print(f"(d) catch-up     all committed   {took:10.1f} s  from the daemon's start "
           f"(READY at {ready - started:.1f} s; "
-          f"{n / took:,.0f} uplinks/s; buffer's seen_log polled every {POLL_S * 1000:.0f} ms; target <= 60 s: "
+          f"{n / took:,.0f} uplinks/s; buffer's key digests polled every {POLL_S * 1000:.0f} ms; target <= 60 s: "
           f"{'met' if took <= 60 else 'MISSED'})", flush=True)
     print(f"(d) catch-up     all at stand-in {cloud.reached_at - started:10.1f} s  from the daemon's start "
           f"({n * READINGS_PER_UPLINK:,} readings, {cloud.duplicates} duplicate rows)", flush=True)
