@@ -8,26 +8,38 @@ the baseline, in the same run, the time to parse the very same event as it arriv
 ChirpStack v4 `UplinkEvent` in its JSON mapping through `parse_chirpstack`, or the OSM JSON
 message through `parse_osm`) and `json.loads` of it alone. The target: decoding is never more
 than half of the per-uplink cost (decode / (parse + decode) <= 50%). One line per codec.
-Needs the project importable (`make venv`, or PYTHONPATH=. from the repository root).
+
+For the ChirpStack events it also times, in the same run, the json_format path that
+`parse_chirpstack` replaced (issue 11: `tests/chirpstack_reference.py`), and prints one line
+comparing the two; and, where orjson or msgspec is importable (neither is a dependency),
+their parse of the same events against json.loads, the part of the direct reader they could
+replace. Runs against the checkout it lives in (it puts the repository root first on sys.path).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from chirpstack_api.integration import integration_pb2
-from google.protobuf import json_format
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from gateway.codecs import CODECS, DecodeContext
-from gateway.model import Uplink
-from gateway.sources.events import parse_chirpstack, parse_osm
+from chirpstack_api.integration import integration_pb2  # noqa: E402
+from google.protobuf import json_format  # noqa: E402
+
+from gateway.codecs import CODECS, DecodeContext  # noqa: E402
+from gateway.model import Uplink  # noqa: E402
+from gateway.sources.events import parse_chirpstack, parse_osm  # noqa: E402
+from tests.chirpstack_reference import parse_chirpstack_reference  # noqa: E402
 
 DEV_EUI = "70b3d57ed0001234"
 TOPIC = f"application/0b5f3a5e-7b4a-4d6c-9a51-1e4c1c7d2f10/device/{DEV_EUI}/event/up"
@@ -130,6 +142,8 @@ class Case:
     message: bytes
     parse: Callable[[], Any]
     options: dict[str, Any]
+    #: The same event through the json_format path it replaced (ChirpStack events only).
+    parse_before: Callable[[], Any] | None = None
 
 
 def _per_call(fn: Callable[[], Any], seconds: float) -> float:
@@ -153,6 +167,28 @@ def _per_call(fn: Callable[[], Any], seconds: float) -> float:
     return best
 
 
+def _time_json_libraries(messages: list[bytes], seconds: float) -> None:
+    """json.loads against orjson.loads and msgspec.json.decode on the same events, where installed."""
+    loaders: dict[str, Callable[[bytes], Any]] = {"json.loads": json.loads}
+    for module, attribute in (("orjson", "loads"), ("msgspec.json", "decode")):
+        try:
+            loaders[f"{module}.{attribute}"] = getattr(importlib.import_module(module), attribute)
+        except ImportError:
+            continue
+    if len(loaders) == 1:
+        return
+    means = {
+        name: sum(_per_call(partial(load, message), seconds) for message in messages) / len(messages)
+        for name, load in loaders.items()
+    }
+    print(
+        f"parse {'json libraries':<18} "
+        + ", ".join(f"{name} {mean * 1e6:5.1f} us" for name, mean in means.items())
+        + f" (mean of the same {len(messages)} events)",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per measurement")
@@ -165,10 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         ("chirpstack-object", b"\xcb\xf6\x0b\x8d\x01\x7c\x0d\xc7\x7f\xff", 2, OBJECT, {}),
     ):
         message = chirpstack_event(data, f_port, obj)
-        cases.append(Case(name, message, partial(parse_chirpstack, TOPIC, message, T, "json"), options))
+        cases.append(
+            Case(
+                name,
+                message,
+                partial(parse_chirpstack, TOPIC, message, T, "json"),
+                options,
+                partial(parse_chirpstack_reference, TOPIC, message, T, "json"),
+            )
+        )
     cases.insert(1, Case("osm-json", OSM_JSON, partial(parse_osm, OSM_TOPIC, OSM_JSON, T), {}))
 
     worst = 0.0
+    parses: list[tuple[float, float]] = []
     for case in cases:
         codec = CODECS[case.codec]
         uplink = case.parse()
@@ -185,16 +230,31 @@ def main(argv: list[str] | None = None) -> int:
         decode = _per_call(partial(codec.decode, payload, ctx), args.seconds)
         parse = _per_call(case.parse, args.seconds)
         loads = _per_call(partial(json.loads, case.message), args.seconds)
+        before = ""
+        if case.parse_before is not None:
+            assert case.parse_before() == uplink  # the same uplink either way
+            parse_before = _per_call(case.parse_before, args.seconds)
+            parses.append((parse, parse_before))
+            before = f" (json_format path {parse_before * 1e6:6.1f} us)"
         share = decode / (decode + parse)
         worst = max(worst, share)
         source = "parse_osm" if case.codec == "osm-json" else "parse_chirpstack"
         print(
             f"codec {case.codec:<18} {readings / decode:>12,.0f} readings/s "
             f"({readings} readings, decode {decode * 1e6:6.1f} us/uplink); "
-            f"baseline {source} {parse * 1e6:6.1f} us/uplink of {len(case.message)} B, "
+            f"baseline {source} {parse * 1e6:6.1f} us/uplink{before} of {len(case.message)} B, "
             f"json.loads alone {loads * 1e6:5.1f} us; decode is {share:4.0%} of per-uplink cost",
             flush=True,
         )
+    now = sum(p for p, _ in parses) / len(parses)
+    then = sum(b for _, b in parses) / len(parses)
+    print(
+        f"parse {'chirpstack-json':<18} direct reader {now * 1e6:6.1f} us/uplink, json_format path "
+        f"{then * 1e6:6.1f} us/uplink (mean of the {len(parses)} ChirpStack events above, same run): "
+        f"{then / now:4.1f}x faster",
+        flush=True,
+    )
+    _time_json_libraries([case.message for case in cases if case.parse_before is not None], args.seconds)
     verdict = "met" if worst <= 0.5 else "MISSED"
     print(f"codec {'ALL':<18} worst decode share {worst:.0%} of per-uplink cost; target <= 50%: {verdict}")
     return 0

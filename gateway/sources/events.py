@@ -2,7 +2,9 @@
 
 Pure functions of (topic, payload, receive time); the MQTT client lives in `sources.mqtt`.
 ChirpStack publishes `application/<app>/device/<devEui>/event/<type>` with the protobuf
-`integration.UplinkEvent` / `LogEvent` either as protobuf JSON mapping (`json=true`) or binary.
+`integration.UplinkEvent` / `LogEvent` either as protobuf JSON mapping (`json=true`), read
+directly by `sources.chirpstack_json`, or binary, read by protobuf. Both give the same
+`UplinkFields` / `LogFields`, which become the `Uplink` or `DeviceLog` here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from gateway.errors import EventError
 from gateway.model import DeviceKey, DeviceLog, Uplink
+from gateway.sources.chirpstack_json import LogFields, UplinkFields, read_log, read_uplink
+from gateway.sources.protojson import Stamp
 
 _OSM_TOPIC = re.compile(r"osm/([0-9A-Fa-f]{8})/measurements")
 _DEV_EUI = re.compile(r"[0-9a-fA-F]{16}")
@@ -51,20 +54,12 @@ def event_type(topic: str) -> str:
 EARLIEST_MS, LATEST_MS = 946_684_800_000, 253_402_300_799_999
 
 
-def _ms(timestamp: Any) -> int | None:
-    ms = int(timestamp.seconds) * 1000 + int(timestamp.nanos) // 1_000_000
-    return ms if EARLIEST_MS <= ms <= LATEST_MS else None
-
-
-def _uplink_time_ms(event: Any, received_ms: int) -> int:
+def _uplink_time_ms(times: tuple[Stamp, ...], received_ms: int) -> int:
     """Event `time`; else the first rxInfo `nsTime`, then `gwTime`; else the receive time. A
     time outside years 2000-9999 (the binary encoding carries any int64) is passed over."""
-    candidates = [event.time] if event.HasField("time") else []
-    for rx in event.rx_info[:1]:
-        candidates += [getattr(rx, name) for name in ("ns_time", "gw_time") if rx.HasField(name)]
-    for timestamp in candidates:
-        ms = _ms(timestamp)
-        if ms is not None:
+    for seconds, nanos in times:
+        ms = seconds * 1000 + nanos // 1_000_000
+        if EARLIEST_MS <= ms <= LATEST_MS:
             return ms
     return received_ms
 
@@ -85,71 +80,113 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
     kind = event_type(topic)
     if kind not in ("up", "log"):
         return Ignored(kind)
-    raw_object: Mapping[str, Any] | None = None
-    message = integration_pb2.UplinkEvent() if kind == "up" else integration_pb2.LogEvent()
-    try:
-        if encoding == "json":
-            document = json.loads(payload)
-            if not isinstance(document, dict):
-                raise EventError(f"{kind} event is not a JSON object")
-            json_format.ParseDict(document, message, ignore_unknown_fields=True)
-            if isinstance(document.get("object"), dict):
-                raw_object = document["object"]  # keeps integers that the JSON had
-        else:
-            message.ParseFromString(payload)
-    except (ValueError, OverflowError, json_format.ParseError, ProtobufDecodeError, RecursionError) as exc:
-        if "too deep" in str(exc) or isinstance(exc, RecursionError):
-            raise EventError(
-                f"{kind} event nests deeper than protobuf's limit of 100 levels (ChirpStack's decoded "
-                "object is too deep to be an event ChirpStack itself could have sent)"
-            ) from None
-        raise EventError(
-            f"{kind} event does not parse as {encoding}: {_short(exc)}{_encoding_hint(kind, payload, encoding)}"
-        ) from None
-    dev_eui = message.device_info.dev_eui.lower()
+    fields = _read_json(kind, payload) if encoding == "json" else _read_protobuf(kind, payload)
+    dev_eui = fields.dev_eui.lower()
     if not _DEV_EUI.fullmatch(dev_eui):
         raise EventError(
             f"{kind} event has no valid deviceInfo.devEui ({dev_eui[:40]!r}){_encoding_hint(kind, payload, encoding)}"
         )
     device = DeviceKey("dev_eui", dev_eui)
-    if isinstance(message, integration_pb2.LogEvent):
+    if isinstance(fields, LogFields):
         return DeviceLog(
             device=device,
-            code=_enum_name(integration_pb2.LogCode, message.code),
-            level=_enum_name(integration_pb2.LogLevel, message.level),
-            description=message.description[:500],
+            code=_enum_name(integration_pb2.LogCode, fields.code),
+            level=_enum_name(integration_pb2.LogLevel, fields.level),
+            description=fields.description[:500],
             received_ms=received_ms,
         )
-    if not message.deduplication_id:
+    dedup_id = fields.deduplication_id
+    if not dedup_id:
         raise EventError("uplink event has no deduplicationId")
-    if len(message.deduplication_id) > MAX_DEDUPLICATION_ID:
+    if len(dedup_id) > MAX_DEDUPLICATION_ID:
         raise EventError(
-            f"uplink event's deduplicationId is {len(message.deduplication_id)} characters long; "
+            f"uplink event's deduplicationId is {len(dedup_id)} characters long; "
             f"ChirpStack's are UUIDs (at most {MAX_DEDUPLICATION_ID} accepted)"
         )
-    if raw_object is None and message.HasField("object"):
+    meta: dict[str, Any] = {"dev_eui": dev_eui, "f_cnt": fields.f_cnt, "f_port": fields.f_port}
+    if fields.rx:
+        rssi, snr = max(fields.rx, key=lambda rx: rx[0])
+        meta["rssi"] = rssi
+        if math.isfinite(snr):  # "NaN" and "Infinity" are valid protobuf JSON: never on the wire
+            meta["snr"] = round(snr, 2)
+    return Uplink(
+        source=f"chirpstack/{dedup_id}",
+        # Scoped by device: two devices' events that happen to share an id are both stored.
+        dedup_key=f"chirpstack/{dev_eui}/{dedup_id}",
+        device=device,
+        payload=fields.data,
+        time_ms=_uplink_time_ms(fields.times, received_ms),
+        received_ms=received_ms,
+        f_port=fields.f_port,
+        meta=meta,
+        object=fields.object,
+        network_tenant=fields.tenant_id or None,
+    )
+
+
+_TOO_DEEP = (
+    "{kind} event nests deeper than protobuf's limit of 100 levels (ChirpStack's decoded "
+    "object is too deep to be an event ChirpStack itself could have sent)"
+)
+
+
+def _read_json(kind: str, payload: bytes) -> UplinkFields | LogFields:
+    """The event's fields from its protobuf JSON mapping (`json=true`), read directly."""
+    try:
+        document = json.loads(payload)
+    except RecursionError:
+        raise EventError(_TOO_DEEP.format(kind=kind)) from None
+    except ValueError as exc:
+        raise EventError(
+            f"{kind} event does not parse as json: {_short(exc)}{_encoding_hint(kind, payload, 'json')}"
+        ) from None
+    if not isinstance(document, dict):
+        raise EventError(f"{kind} event is not a JSON object")
+    try:
+        return read_uplink(document) if kind == "up" else read_log(document)
+    except EventError as exc:
+        raise EventError(
+            f"{kind} event does not parse as json: {_short(exc)}{_encoding_hint(kind, payload, 'json')}"
+        ) from None
+
+
+def _read_protobuf(kind: str, payload: bytes) -> UplinkFields | LogFields:
+    """The event's fields from its binary protobuf encoding (`json=false`)."""
+    message: Any = integration_pb2.UplinkEvent() if kind == "up" else integration_pb2.LogEvent()
+    try:
+        message.ParseFromString(payload)
+    except (ValueError, ProtobufDecodeError, RecursionError) as exc:
+        if "too deep" in str(exc) or isinstance(exc, RecursionError):
+            raise EventError(_TOO_DEEP.format(kind=kind)) from None
+        raise EventError(
+            f"{kind} event does not parse as protobuf: {_short(exc)}{_encoding_hint(kind, payload, 'protobuf')}"
+        ) from None
+    if kind == "log":
+        return LogFields(
+            dev_eui=message.device_info.dev_eui,
+            level=message.level,
+            code=message.code,
+            description=message.description,
+        )
+    times = [message.time] if message.HasField("time") else []
+    for rx in message.rx_info[:1]:
+        times += [getattr(rx, name) for name in ("ns_time", "gw_time") if rx.HasField(name)]
+    raw_object = None
+    if message.HasField("object"):
         try:
             raw_object = _integral(json_format.MessageToDict(message.object))
         except (ValueError, json_format.Error) as exc:  # NaN or infinity in a Struct
             raise EventError(f"uplink event's decoded object cannot be read: {_short(exc)}") from None
-    meta: dict[str, Any] = {"dev_eui": dev_eui, "f_cnt": message.f_cnt, "f_port": message.f_port}
-    if message.rx_info:
-        best = max(message.rx_info, key=lambda rx: rx.rssi)
-        meta["rssi"] = best.rssi
-        if math.isfinite(best.snr):  # "NaN" and "Infinity" are valid protobuf JSON: never on the wire
-            meta["snr"] = round(best.snr, 2)
-    return Uplink(
-        source=f"chirpstack/{message.deduplication_id}",
-        # Scoped by device: two devices' events that happen to share an id are both stored.
-        dedup_key=f"chirpstack/{dev_eui}/{message.deduplication_id}",
-        device=device,
-        payload=bytes(message.data),
-        time_ms=_uplink_time_ms(message, received_ms),
-        received_ms=received_ms,
+    return UplinkFields(
+        dev_eui=message.device_info.dev_eui,
+        tenant_id=message.device_info.tenant_id,
+        deduplication_id=message.deduplication_id,
+        f_cnt=message.f_cnt,
         f_port=message.f_port,
-        meta=meta,
+        data=bytes(message.data),
+        times=tuple((int(t.seconds), int(t.nanos)) for t in times),
+        rx=tuple((rx.rssi, rx.snr) for rx in message.rx_info),
         object=raw_object,
-        network_tenant=message.device_info.tenant_id or None,
     )
 
 
