@@ -29,6 +29,7 @@ from gateway.errors import BufferFullError, BufferLostError, DiskFullError, Even
 from gateway.model import DeadLetter, DecodedUplink, DeviceKey, DeviceLog, ForeignTenant, Outcome, Unmapped
 from gateway.sources import Delivery, Parser
 from gateway.sources.events import Ignored
+from gateway.sources.mqtt import RECEIVE_MAXIMUM
 
 log = structlog.get_logger("gateway.intake")
 
@@ -198,7 +199,11 @@ class Intake:
             weight = _weight(first)
             reload: _Reload | None = None
             window_ends = time.monotonic() + self.commit_interval_s
-            while len(group) < MAX_GROUP and weight < MAX_GROUP_BYTES:
+            # A source that has handed over its broker's Receive Maximum gets nothing more
+            # until these are acked: waiting out the window then only idles (a catch-up would
+            # go at one Receive Maximum per window). Commit at once instead.
+            unacked = {first.source_name: 1}
+            while len(group) < MAX_GROUP and weight < MAX_GROUP_BYTES and max(unacked.values()) < RECEIVE_MAXIMUM:
                 wait = window_ends - time.monotonic()
                 try:
                     item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
@@ -212,6 +217,7 @@ class Intake:
                 assert isinstance(item, Delivery)
                 group.append(item)
                 weight += _weight(item)
+                unacked[item.source_name] = unacked.get(item.source_name, 0) + 1
             self._taken(weight)
             while group:  # decoded and committed in parts of at most MAX_GROUP_READINGS
                 group = self._commit(group)
