@@ -26,6 +26,8 @@ are NUL-stripped; u32/u64/i8 are decoded at full range.
 
 from __future__ import annotations
 
+import functools
+
 from pydantic import Field
 
 from gateway.codecs.base import Codec, CodecOptions, DecodeContext, DecodeError
@@ -96,9 +98,19 @@ def _read_name(frame: bytes, pos: int) -> str:
     raw = frame[pos : pos + NAME_SIZE]
     if len(raw) < NAME_SIZE:
         raise DecodeError(f"record name truncated at byte {len(frame)}")
+    name = _name(raw)
+    if name is None:
+        raise DecodeError(f"record name {raw.hex()} at byte {pos} is not printable ASCII")
+    return name
+
+
+@functools.lru_cache(maxsize=1024)
+def _name(raw: bytes) -> str | None:
+    """A record's 4 name bytes as text, or None if they are not a name (cached: a site's
+    units send the same few names in every frame, at 1 Hz each)."""
     name = raw.rstrip(b"\x00")
     if not name or b"\x00" in name or not all(0x21 <= b < 0x7F for b in name):
-        raise DecodeError(f"record name {raw.hex()} at byte {pos} is not printable ASCII")
+        return None
     return name.decode("ascii")
 
 
