@@ -32,7 +32,7 @@ from gateway.cloud import Publisher, build_publisher
 from gateway.config import Config, ConfigError, device_map_files, load_device_maps, load_settings
 from gateway.config.settings import Settings
 from gateway.dispatch import Dispatcher
-from gateway.errors import BufferLostError
+from gateway.errors import BufferLostError, DiskFullError
 from gateway.intake import Intake
 from gateway.sources import RunningSource, build_sources, source_name
 from gateway.systemd import Notifier
@@ -275,7 +275,9 @@ class Service:
                     if self._disk_trouble is not None:
                         log.info("buffer writable again", after=self._disk_trouble)
                         self._disk_trouble = None
-            except sqlite3.DatabaseError as exc:
+            except (sqlite3.DatabaseError, DiskFullError) as exc:
+                # Disk full: every write of the main loop (heartbeat, recording a message,
+                # deleting confirmed readings) may meet it, not only intake's.
                 self._buffer_error(exc)
             except BufferLostError as exc:
                 self._on_lost(str(exc))
@@ -292,16 +294,17 @@ class Service:
             return
         self._shutdown()
 
-    def _buffer_error(self, exc: sqlite3.DatabaseError) -> None:
+    def _buffer_error(self, exc: sqlite3.DatabaseError | DiskFullError) -> None:
         """The main loop could not use the buffer: damaged (stop), or full/failing (retry)."""
-        if is_damage(exc):
+        if isinstance(exc, sqlite3.DatabaseError) and is_damage(exc):
             self._on_damage(str(exc))
             return
-        if is_storage_failure(exc):
+        if isinstance(exc, sqlite3.DatabaseError) and is_storage_failure(exc):
             self._on_lost(f"cannot write {self.buffer.path}: {exc}")
             return
-        problem = "disk full" if is_disk_full(exc) else str(exc)
-        if is_disk_full(exc):
+        full = isinstance(exc, DiskFullError) or is_disk_full(exc)
+        problem = "disk full" if full else str(exc)
+        if full:
             self.buffer.checkpoint()
         if self._disk_trouble != problem:
             self._disk_trouble = problem
@@ -449,7 +452,7 @@ class Service:
         self._stop_intake_and_sources()
         try:
             self.dispatcher.flush(deadline)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, DiskFullError) as exc:
             log.error("cannot flush the buffer while stopping; unsent readings stay stored", error=str(exc))
         self.publisher.stop(timeout_s=max(0.1, deadline - time.monotonic()))
         try:

@@ -789,3 +789,145 @@ def test_status_reads_a_running_buffer_without_blocking_it(make: Make) -> None:
     started = time.monotonic()
     b.store([uplink(3)])
     assert time.monotonic() - started < 2.0
+
+
+# ---- found by attacking the redesign (each failed before its fix) ----------------------------
+
+
+def test_records_confirmed_in_a_chunk_still_partly_out_are_not_sent_again_after_a_restart(make: Make) -> None:
+    """One message of a chunk confirmed while another from the same chunk is still out: after a
+    restart (clean or not) the confirmed readings are not handed out again; the other message
+    comes back as it was."""
+    b = make(max_bytes=4096, gzip=False)
+    b.store([uplink(i, received_ms=now_ms()) for i in range(200)])  # one group, one chunk
+    first, second = b.take(), b.take()
+    assert first is not None and second is not None
+    b.buffer.settle(force=True)  # both recorded
+    first.take.confirm()
+    b.buffer.settle(force=True)
+    b.close()
+    b = make(max_bytes=4096, gzip=False)
+    again = b.drain(live=False)
+    assert not set(sources(again)) & set(sources([first]))
+    assert (again[0].seq, again[0].payload) == (second.seq, second.payload)
+    assert sorted(sources([first, *again])) == sorted(f"chirpstack/{i}" for i in range(200) for _ in range(3))
+
+
+def test_a_chunk_damaged_by_bit_rot_becomes_a_dead_letter_and_the_drain_goes_on(make: Make, tmp_path: Path) -> None:
+    """A flipped bit inside a chunk's compressed data passes SQLite's checks (it has no
+    checksums): opening and taking never fail on it; the chunk goes to the dead letters with the
+    reason and the count it held, and every other reading is sent."""
+    b = make()
+    b.store([uplink(i) for i in range(50)])
+    b.store([uplink(100 + i) for i in range(50)])
+    recorded = b.take()
+    assert recorded is not None
+    b.buffer.settle(force=True)
+    b.close()
+    with sqlite3.connect(tmp_path / "b.db") as db:
+        data = bytearray(db.execute("SELECT data FROM chunks ORDER BY id LIMIT 1").fetchone()[0])
+        data[len(data) // 2] ^= 0x10
+        db.execute("UPDATE chunks SET data=? WHERE id=(SELECT min(id) FROM chunks)", (bytes(data),))
+    b = make()
+    sent = sources(b.drain(live=False))
+    assert sent == [f"chirpstack/{100 + i}" for i in range(50) for _ in range(3)]
+    letter = b.report()["dead_letters"]["latest"][0]
+    assert "damaged" in letter["reason"] and "150 readings of 50 uplinks lost" in letter["reason"]
+    assert b.buffer.depth().total_readings == 0
+
+
+def test_a_drop_while_the_message_reporting_an_earlier_gap_is_out_is_reported_too(make: Make) -> None:
+    """Confirming the message that reports a gap does not forget drops made while it was out:
+    the next message reports those."""
+    b = make(max_age_s=60, gzip=False)
+    b.store([uplink(1, received_ms=0)])
+    b.store([uplink(2, received_ms=200_000)])
+    assert b.buffer.enforce_bounds(at_ms=100_000) is not None
+    first = b.take()
+    assert first is not None and wire.decode_message(first.payload)["meta"]["gap"]["readings"] == 3
+    b.store([uplink(3, received_ms=250_000)])
+    b.store([uplink(4, received_ms=400_000)])
+    second_drop = b.buffer.enforce_bounds(at_ms=320_000)
+    assert second_drop is not None
+    first.take.confirm()
+    later = [wire.decode_message(m.payload).get("meta") for m in b.drain(live=False) + b.drain()]
+    assert sum((m or {}).get("gap", {}).get("readings", 0) for m in later) == second_drop.readings
+
+
+def test_a_batch_id_is_never_given_to_other_readings_when_the_clock_comes_back_behind(tmp_path: Path) -> None:
+    """A power cut, and the clock restored a minute behind (a Pi without a real-time clock):
+    the sequence starts above every id recorded, so an acknowledged batch id is never reused
+    for a different message."""
+    clock = [1_800_000_000_000]
+    b = Rig(Buffer(tmp_path / "b.db", clock=lambda: clock[0]), 4096, False)
+    for g in range(10):
+        b.store([uplink(g * 200 + i, received_ms=clock[0]) for i in range(200)])
+    b.buffer.heartbeat()
+    clock[0] += 20
+    first = b.take()
+    assert first is not None
+    b.buffer.settle(force=True)
+    first.take.confirm()
+    b.buffer.settle(force=True)
+    copy = crash_copy(b.buffer, tmp_path / "cut")
+    b.buffer.abandon()
+    clock[0] -= 60_000
+    after = Rig(Buffer(copy, clock=lambda: clock[0]), 4096, False)
+    batches = after.drain(live=False)
+    assert all(m.seq > first.seq for m in batches)
+
+
+def test_live_records_given_back_by_a_shrink_are_due_by_themselves(tmp_path: Path) -> None:
+    """A live take that took every live record and was shrunk to fit a message gives records
+    back: they are due after max_delay like any live record, without waiting for new intake."""
+    import random
+
+    mono = [1000.0]
+    b = Rig(Buffer(tmp_path / "b.db", monotonic=lambda: mono[0]), 4096, True)
+    rng = random.Random(3)
+    now = now_ms()
+    b.store(
+        DecodedUplink(
+            f"chirpstack/{n}",
+            "s1",
+            DEV,
+            now + n,
+            {"f_cnt": n},
+            tuple(Reading(f"m{i}", rng.randbytes(24).hex(), None, now + n + i) for i in range(16)),
+        )
+        for n in range(7)
+    )
+    mono[0] += 1.0
+    sent = b.take()
+    assert sent is not None and b.buffer.depth(live=True).uplinks > 0
+    mono[0] += 3600.0
+    assert b.batcher.live_due(0.2)
+
+
+def test_a_dropped_uplink_redelivered_after_a_restart_is_still_a_duplicate(tmp_path: Path) -> None:
+    """A bound that drops a chunk keeps its idempotency keys: a redelivery of one of its uplinks
+    after a restart is a duplicate, not stored again."""
+    now = [10_000_000]
+    b = Rig(Buffer(tmp_path / "b.db", clock=lambda: now[0], max_age_s=60), 120 * 1024, True)
+    u = uplink(7, received_ms=now[0])
+    b.store([u])
+    now[0] += 120_000
+    assert b.buffer.enforce_bounds() is not None
+    b.close()
+    again = Rig(Buffer(tmp_path / "b.db", clock=lambda: now[0], max_age_s=60), 120 * 1024, True)
+    assert again.store([u]).duplicates == 1
+
+
+def test_a_split_message_is_not_sent_again_whole_after_a_crash(make: Make, tmp_path: Path) -> None:
+    """A crash right after a refused message was divided: its parts come back with their ids
+    and bytes, and the original's readings are not handed out a second time."""
+    b = make(max_bytes=8192, gzip=False)
+    b.store([uplink(i) for i in range(6)])
+    whole = b.take()
+    assert whole is not None
+    b.buffer.settle(force=True)
+    parts, _ = b.batcher.split(whole, 600, "too large")
+    copy = crash_copy(b.buffer, tmp_path / "crash")
+    after = Rig(Buffer(copy), 8192, False)
+    again = after.drain(live=False)
+    assert sorted((m.seq, m.payload) for m in again) == sorted((p.seq, p.payload) for p in parts)

@@ -426,6 +426,46 @@ def test_full_disk_holds_intake_without_crash_or_corruption_and_recovers(
     assert "Traceback" not in daemon.log_path.read_text()
 
 
+def test_a_disk_filled_by_another_process_holds_the_daemon_it_does_not_stop_it(
+    local_broker: Mosquitto,
+    cloud_broker: Mosquitto,
+    certs: TestCerts,
+    reader: Subscriber,
+    daemons: list[Daemon],
+    tmp_path: Path,
+    small_disk: Path,
+) -> None:
+    """Something else fills the buffer's filesystem: every write of the main loop (heartbeat,
+    recording a message, deleting confirmed readings) meets a full disk, not only intake's. The
+    daemon says so and waits (found by attacking the redesign: it used to exit 1); with room
+    again, everything arrives."""
+    cloud_broker.stop()
+    daemon = Daemon(
+        tmp_path / "gw", local_broker, cloud_broker, certs, devices_yaml(4), buffer_path=small_disk / "buffer.db"
+    )
+    daemons.append(daemon)
+    daemon.start()
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    first = burst(local_broker, 4, range(200))
+    daemon.wait_status(lambda s: s["backlog"]["readings"] == len(first))
+    filler = small_disk / "filler"
+    with filler.open("wb") as f:  # another process takes the rest of the disk
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    later = burst(local_broker, 4, range(200, 400))
+    daemon.wait_log("cannot write the buffer", timeout=30)
+    assert daemon.process.poll() is None and daemon.process.pid == pid
+    filler.unlink()
+    cloud_broker.start()
+    wait_rows(reader, first | later, timeout=90)
+    assert daemon.process.poll() is None and daemon.process.pid == pid
+
+
 def test_damaged_buffer_at_start_is_moved_aside_and_a_new_one_serves(
     local_broker: Mosquitto,
     cloud_broker: Mosquitto,

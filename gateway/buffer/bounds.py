@@ -63,8 +63,9 @@ class Bounds(Takes):
                         touched.out.difference_update(range(lo, hi))
                         if not touched.out and not touched.done:
                             del self._touched[cid]
-                if self._gap_seq == t.seq:
-                    self._gap_seq = None
+                if t.gap is not None:  # its message is never sent: the next one reports the gap
+                    self._gap.merge(t.gap)
+                    self._gap_dirty = True
                 self._cursor[t.live] = min(self._cursor[t.live], (t.spans[0][0], t.spans[0][1]))
 
     def _oldest_droppable(self, db: sqlite3.Connection) -> tuple[int, int, int, int, int, int] | None:
@@ -84,7 +85,9 @@ class Bounds(Takes):
 
     def _drop_chunk(self, db: sqlite3.Connection, row: tuple[int, ...], dropped: Gap, reason: str) -> None:
         cid, first, last, records, readings, raw = row
-        size = db.execute("SELECT size FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+        size, keys = db.execute("SELECT size, keys FROM chunks WHERE id=?", (cid,)).fetchone()
+        if keys:  # a redelivery of a dropped uplink is still a duplicate
+            db.execute("INSERT INTO seen (last_ms, keys) VALUES (?, ?)", (last, keys))
         db.execute("DELETE FROM chunks WHERE id=?", (cid,))
         self._unpacked.pop(cid, None)
         t = self._totals

@@ -13,13 +13,17 @@ import copy
 import json
 import os
 import sqlite3
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from gateway.buffer import records as rec
 from gateway.buffer import side
@@ -40,6 +44,9 @@ from gateway.buffer.results import Gap
 from gateway.buffer.room import FreeSpace, Room, disk_free
 from gateway.buffer.schema import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, file_totals
 from gateway.errors import BufferLostError, DiskFullError
+from gateway.model import DeadLetter
+
+log = structlog.get_logger("gateway.buffer")
 
 if TYPE_CHECKING:
     from gateway.buffer.takes import Take
@@ -69,6 +76,14 @@ class Counts:
         self.records += sign * records
         self.readings += sign * readings
         self.raw += sign * raw
+
+
+class ChunkDamaged(Exception):
+    """A chunk's data cannot be decompressed or unpacked."""
+
+    def __init__(self, chunk_id: int, reason: str) -> None:
+        super().__init__(f"chunk {chunk_id}: {reason}")
+        self.chunk_id, self.reason = chunk_id, reason
 
 
 class Core:
@@ -106,13 +121,17 @@ class Core:
         self._counters: dict[str, int] = {}
         self._devices = side.DeviceCounts()
         self._seen: dict[int, None] = {}
-        self._gap = Gap()
-        self._gap_seq: int | None = None  # the take reporting the gap
+        self._gap = Gap()  # drops no message reports yet (a take that does holds its own)
         self._gap_dirty = False
         self._last_publish_ms: int | None = None
         self._pending: list[int] = []  # confirmed chunks, deleted with the next commit
         self._unrecorded: list[Take] = []  # takes to record with the next commit
-        self._unrecord: list[int] = []  # seqs of ended takes whose record goes with the next commit
+        self._unrecord: list[int] = []  # seqs of recorded takes to forget with the next commit
+        self._mark_done: list[int] = []  # seqs of recorded takes that ended, marked with the next commit
+        #: Recorded takes that ended, by seq: the chunks of theirs not yet deleted. The record
+        #: stays (done) until the last of them goes, so a restart never hands out again records
+        #: confirmed in a chunk that still holds others.
+        self._ended: dict[int, set[int]] = {}
         self._waiting_since: float | None = None  # when the oldest of those began to wait
         self._touched: dict[int, Touched] = {}
         self._released: deque[Take] = deque()
@@ -251,6 +270,8 @@ class Core:
                 list(self._pending),
                 list(self._unrecorded),
                 list(self._unrecord),
+                list(self._mark_done),
+                {seq: set(cids) for seq, cids in self._ended.items()},
                 copy.deepcopy(self._gap),
                 self._gap_dirty,
                 {k: dict(v) for k, v in self._devices.pending.items()},
@@ -272,6 +293,8 @@ class Core:
                     self._pending,
                     self._unrecorded,
                     self._unrecord,
+                    self._mark_done,
+                    self._ended,
                     self._gap,
                     self._gap_dirty,
                     self._devices.pending,
@@ -297,7 +320,7 @@ class Core:
         recorded = self._unrecorded
         if recorded:
             db.executemany(
-                "INSERT OR REPLACE INTO takes VALUES (?,?,?,?)",
+                "INSERT OR REPLACE INTO takes (seq, created_ms, spans, gap) VALUES (?,?,?,?)",
                 [
                     (t.seq, t.created_ms, json.dumps(t.spans), json.dumps(t.gap.__dict__) if t.gap else None)
                     for t in recorded
@@ -307,42 +330,132 @@ class Core:
         if self._unrecord:
             db.executemany("DELETE FROM takes WHERE seq = ?", [(seq,) for seq in self._unrecord])
             self._unrecord = []
-        if self._pending:
+        if self._mark_done:
+            db.executemany("UPDATE takes SET done = 1 WHERE seq = ?", [(seq,) for seq in self._mark_done])
+            self._mark_done = []
+        deleting = bool(self._pending)
+        if deleting:
             self._delete_confirmed(db)
-            self._save_totals()
+        if deleting or self._gap_dirty or recorded:
+            self._save_totals()  # the next seq and a gap moved into a take go with its record
         return recorded
 
     def _restore_takes(self) -> None:
         """The takes recorded before the last stop come back as released: handed out first, with
-        the same seq, records and gap, so their messages are the same bytes as before."""
+        the same seq, records and gap, so their messages are the same bytes as before. The
+        records of takes that ended (done) are not handed out again."""
         from gateway.buffer.takes import Take, TakeState
 
-        rows = self._db.execute("SELECT seq, created_ms, spans, gap FROM takes ORDER BY seq").fetchall()
+        rows = self._db.execute("SELECT seq, created_ms, spans, gap, done FROM takes ORDER BY seq").fetchall()
         lost = []
-        for seq, created, spans_text, gap_text in rows:
-            spans = [tuple(s) for s in json.loads(spans_text)]
+        for seq, created, spans_text, gap_text, done in rows:
+            self._next_seq = max(self._next_seq, seq + 1)
+            spans = [(int(s[0]), int(s[1]), int(s[2])) for s in json.loads(spans_text)]
+            present = {
+                cid: count
+                for cid, count in self._db.execute(
+                    f"SELECT id, records FROM chunks WHERE id IN ({','.join('?' * len(spans))})",
+                    [cid for cid, _, _ in spans],
+                )
+            }
+            if done:
+                for cid, lo, hi in spans:
+                    if cid in present:
+                        self._touched.setdefault(cid, Touched(present[cid])).done.update(range(lo, hi))
+                if present:
+                    self._ended[seq] = set(present)
+                else:
+                    lost.append(seq)
+                continue
             records: list[Stored] = []
-            counts = {}
             for cid, lo, hi in spans:
-                row = self._db.execute("SELECT records, data FROM chunks WHERE id=?", (cid,)).fetchone()
-                if row is None or hi > row[0]:
+                stored = self._records_or_none(cid) if cid in present else None
+                if stored is None or hi > len(stored):
                     break
-                counts[cid] = row[0]
-                records += rec.unpack(bytes(row[1]))[lo:hi]
+                records += stored[lo:hi]
             else:
                 take = Take(self, seq, created, False, records, spans, state=TakeState.RELEASED)  # type: ignore[arg-type]
                 take.recorded = True
                 if gap_text:
                     take.gap = Gap(**json.loads(gap_text))
-                    self._gap_seq = seq
                 for cid, lo, hi in spans:
-                    self._touched.setdefault(cid, Touched(counts[cid])).out.update(range(lo, hi))
+                    self._touched.setdefault(cid, Touched(present[cid])).out.update(range(lo, hi))
                 self._released.append(take)
-                self._next_seq = max(self._next_seq, seq + 1)
                 continue
             lost.append(seq)  # its records are no longer all there: they are handed out anew
+            if gap_text:
+                self._gap.merge(Gap(**json.loads(gap_text)))
+        for cid, touched in list(self._touched.items()):
+            if len(touched.done) >= touched.records:  # every record confirmed: it goes
+                del self._touched[cid]
+                self._pending.append(cid)
+                self._wait()
         if lost:
             self._db.executemany("DELETE FROM takes WHERE seq = ?", [(seq,) for seq in lost])
+
+    def _records_or_none(self, chunk_id: int) -> list[Stored] | None:
+        """A chunk's records, or None (and the chunk moved to the dead letters) if it is damaged."""
+        try:
+            return self._records_of(chunk_id)
+        except ChunkDamaged as exc:
+            self._lose_chunk(chunk_id, exc.reason)
+            return None
+
+    def _records_of(self, chunk_id: int) -> list[Stored]:
+        cached = self._unpacked.get(chunk_id)
+        if cached is None:
+            row = self._db.execute("SELECT data FROM chunks WHERE id=?", (chunk_id,)).fetchone()
+            try:
+                cached = rec.unpack(bytes(row[0]))
+            except (zlib.error, struct.error, ValueError, IndexError) as exc:
+                raise ChunkDamaged(chunk_id, f"{type(exc).__name__}: {exc}") from exc
+            if len(self._unpacked) >= 4:
+                self._unpacked.pop(next(iter(self._unpacked)))
+            self._unpacked[chunk_id] = cached
+        return cached
+
+    def _lose_chunk(self, chunk_id: int, reason: str) -> None:
+        """A chunk that cannot be read (bit rot passes SQLite's checks: it has no checksums) is
+        moved to the dead letters, whole, with the reason, so the drain goes on past it."""
+        row = self._db.execute(
+            "SELECT first_ms, records, readings, raw, size, keys, data FROM chunks WHERE id=?", (chunk_id,)
+        ).fetchone()
+        if row is None:
+            return
+        first, records, readings, raw, size, keys, data = row
+        why = (
+            f"buffer chunk {chunk_id} is damaged and cannot be read ({reason}): {readings} readings of "
+            f"{records} uplinks lost; its stored bytes are kept here"
+        )
+
+        def work(db: sqlite3.Connection) -> None:
+            letter = DeadLetter(None, f"buffer/chunk/{chunk_id}", None, why, bytes(data), first)
+            self._totals["dead_letter_bytes"] += side.insert_dead_letter(db, letter)
+            if keys:
+                db.execute("INSERT INTO seen (last_ms, keys) VALUES (?, ?)", (first, keys))
+            db.execute("DELETE FROM chunks WHERE id=?", (chunk_id,))
+            t = self._totals
+            t["chunks"] -= 1
+            t["records"] -= records
+            t["readings"] -= readings
+            t["raw"] -= raw
+            t["bytes"] -= size
+            self.count("damaged_chunks")
+            self.count("dead_letters")
+            self._save_state()
+
+        self._write(work, drain=True)
+        touched = self._touched.pop(chunk_id, None)
+        out = len(touched.out) if touched else 0
+        done = len(touched.done) if touched else 0
+        # What was not out or done was counted untaken; takes holding the rest keep their copies.
+        untaken = max(0, records - out - done)
+        live = chunk_id >= self.live_from
+        share = untaken / records if records else 0
+        self._untaken[live].add(untaken, round(readings * share), round(raw * share), -1)
+        log.critical(
+            "BUFFER CHUNK DAMAGED: moved to the dead letters", chunk=chunk_id, reason=reason, readings=readings
+        )
 
     # ---- the file under us ---------------------------------------------------------------
 
@@ -421,6 +534,12 @@ class Core:
         if keys:
             db.execute("INSERT INTO seen (last_ms, keys) VALUES (?, ?)", (max(r[4] for r in rows), keys))
         db.execute(f"DELETE FROM chunks WHERE id IN ({marks})", ids)
+        gone = set(ids)
+        for seq, cids in list(self._ended.items()):
+            cids -= gone
+            if not cids:
+                del self._ended[seq]
+                db.execute("DELETE FROM takes WHERE seq = ?", (seq,))
         t = self._totals
         for records, readings, raw, size, _, _ in rows:
             t["chunks"] -= 1

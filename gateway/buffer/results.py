@@ -64,6 +64,18 @@ class Gap:
         if reason not in self.reasons:
             self.reasons.append(reason)
 
+    def merge(self, other: Gap) -> None:
+        """Add another gap's drops to this one, each reason once."""
+        for i, reason in enumerate(other.reasons):
+            first = i == 0
+            self.add(
+                other.readings if first else 0,
+                other.uplinks if first else 0,
+                other.from_ms or 0,
+                other.to_ms or 0,
+                reason,
+            )
+
     def log_fields(self) -> dict[str, Any]:
         """The drop as fields of the log line that reports it."""
         return {

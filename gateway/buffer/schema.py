@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS takes (
     seq       INTEGER PRIMARY KEY,       -- the batch id's sequence
     created_ms INTEGER NOT NULL,
     spans     TEXT NOT NULL,             -- JSON [[chunk id, first index, end index], ...]
-    gap       TEXT                       -- JSON of the gap its message reports, if any
+    gap       TEXT,                      -- JSON of the gap its message reports, if any
+    done      INTEGER NOT NULL DEFAULT 0 -- ended (confirmed, rejected, divided): its records are
+                                         -- not handed out again; gone with its last chunk
 );
 -- Idempotency keys of chunks already sent, so a late duplicate is still known (no index:
 -- the window is held in memory, loaded at open).

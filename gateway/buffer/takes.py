@@ -9,16 +9,14 @@ leave as dead letters) or `divide` (stored again in parts, which are new takes).
 
 from __future__ import annotations
 
-import copy
 import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from gateway.buffer import records as rec
 from gateway.buffer import side
-from gateway.buffer.core import Core, Counts, Touched
+from gateway.buffer.core import ChunkDamaged, Core, Counts, Touched
 from gateway.buffer.records import Stored
 from gateway.buffer.results import Depth, Gap
 from gateway.model import DeadLetter
@@ -148,91 +146,90 @@ class Takes(Core):
         (at least one record); a released take of the class comes back first, unchanged.
         None when there is nothing to take. Writes nothing."""
         with self._lock:
-            for t in self._released:
-                if t.live == live:
-                    self._released.remove(t)
-                    t.state = TakeState.OPEN
-                    self._untaken[live].add(len(t.records), t.readings, t.raw, -1)
-                    self._out.add(len(t.records), t.readings, t.raw)
-                    self._takes += 1
-                    return t
-            chosen: list[Stored] = []
-            spans: list[tuple[int, int, int]] = []
-            raw = 0
-            chunk_id, index = self._cursor[live]
-            full = False
-            while not full:
-                where = "id >= ?" if live else "id >= ? AND id < ?"
-                args = (chunk_id,) if live else (chunk_id, self.live_from)
-                rows = self._db.execute(
-                    f"SELECT id, records FROM chunks WHERE {where} ORDER BY id LIMIT {_READ_AHEAD}", args
-                ).fetchall()
-                if not rows:
-                    break
-                for cid, count in rows:
-                    if cid != chunk_id:
-                        chunk_id, index = cid, 0
-                    if cid in self._pending:
-                        chunk_id, index = cid + 1, 0
-                        continue
-                    touched = self._touched.get(cid)
-                    stored: list[Stored] | None = None
-                    lo = None
-                    while index < count:
-                        if touched is not None and (index in touched.out or index in touched.done):
-                            if lo is not None:
-                                spans.append((cid, lo, index))
-                                lo = None
-                            index += 1
-                            continue
-                        if stored is None:
-                            stored = self._records_of(cid)
-                        r = stored[index]
-                        if chosen and raw + len(r.payload) > max_raw:
-                            full = True
-                            break
-                        chosen.append(r)
-                        raw += len(r.payload)
-                        lo = index if lo is None else lo
-                        index += 1
-                    if lo is not None:
-                        spans.append((cid, lo, index))
-                    if full:
-                        break
-                    chunk_id, index = cid + 1, 0
-            self._cursor[live] = (chunk_id, index)
-            if not chosen:
-                return None
-            for cid, lo, hi in spans:
-                touched = self._touched.get(cid)
-                if touched is None:
-                    count = self._db.execute("SELECT records FROM chunks WHERE id=?", (cid,)).fetchone()[0]
-                    touched = self._touched[cid] = Touched(count)
-                touched.out.update(range(lo, hi))
-            created = self._clock()
-            seq = max(self._next_seq, created)
-            self._next_seq = seq + 1
-            take = Take(self, seq, created, live, chosen, spans)
-            if self._gap.readings and self._gap_seq is None:
-                take.gap = copy.deepcopy(self._gap)
-                self._gap_seq = seq
-            readings = take.readings
-            self._untaken[live].add(len(chosen), readings, raw, -1)
-            self._out.add(len(chosen), readings, raw)
-            self._takes += 1
-            if live:
-                self._live_since_of_rest()
-            return take
+            while True:
+                try:
+                    return self._take(live, max_raw)
+                except ChunkDamaged as exc:  # moved to the dead letters; the take goes on past it
+                    self._lose_chunk(exc.chunk_id, exc.reason)
 
-    def _records_of(self, chunk_id: int) -> list[Stored]:
-        cached = self._unpacked.get(chunk_id)
-        if cached is None:
-            row = self._db.execute("SELECT data FROM chunks WHERE id=?", (chunk_id,)).fetchone()
-            cached = rec.unpack(bytes(row[0]))
-            if len(self._unpacked) >= 4:
-                self._unpacked.pop(next(iter(self._unpacked)))
-            self._unpacked[chunk_id] = cached
-        return cached
+    def _take(self, live: bool, max_raw: int) -> Take | None:
+        for t in self._released:
+            if t.live == live:
+                self._released.remove(t)
+                t.state = TakeState.OPEN
+                self._untaken[live].add(len(t.records), t.readings, t.raw, -1)
+                self._out.add(len(t.records), t.readings, t.raw)
+                self._takes += 1
+                return t
+        chosen: list[Stored] = []
+        spans: list[tuple[int, int, int]] = []
+        raw = 0
+        chunk_id, index = self._cursor[live]
+        full = False
+        while not full:
+            where = "id >= ?" if live else "id >= ? AND id < ?"
+            args = (chunk_id,) if live else (chunk_id, self.live_from)
+            rows = self._db.execute(
+                f"SELECT id, records FROM chunks WHERE {where} ORDER BY id LIMIT {_READ_AHEAD}", args
+            ).fetchall()
+            if not rows:
+                break
+            for cid, count in rows:
+                if cid != chunk_id:
+                    chunk_id, index = cid, 0
+                if cid in self._pending:
+                    chunk_id, index = cid + 1, 0
+                    continue
+                touched = self._touched.get(cid)
+                stored: list[Stored] | None = None
+                lo = None
+                while index < count:
+                    if touched is not None and (index in touched.out or index in touched.done):
+                        if lo is not None:
+                            spans.append((cid, lo, index))
+                            lo = None
+                        index += 1
+                        continue
+                    if stored is None:
+                        stored = self._records_of(cid)
+                    r = stored[index]
+                    if chosen and raw + len(r.payload) > max_raw:
+                        full = True
+                        break
+                    chosen.append(r)
+                    raw += len(r.payload)
+                    lo = index if lo is None else lo
+                    index += 1
+                if lo is not None:
+                    spans.append((cid, lo, index))
+                if full:
+                    break
+                chunk_id, index = cid + 1, 0
+        self._cursor[live] = (chunk_id, index)
+        if not chosen:
+            return None
+        for cid, lo, hi in spans:
+            touched = self._touched.get(cid)
+            if touched is None:
+                count = self._db.execute("SELECT records FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+                touched = self._touched[cid] = Touched(count)
+            touched.out.update(range(lo, hi))
+        created = self._clock()
+        seq = max(self._next_seq, created)
+        self._next_seq = seq + 1
+        take = Take(self, seq, created, live, chosen, spans)
+        if self._gap.readings:
+            # The gap moves into this take: drops after it go to the next message. Its
+            # record and the emptied gap are written by the same commit.
+            take.gap, self._gap = self._gap, Gap()
+            self._gap_dirty = True
+        readings = take.readings
+        self._untaken[live].add(len(chosen), readings, raw, -1)
+        self._out.add(len(chosen), readings, raw)
+        self._takes += 1
+        if live:
+            self._live_since_of_rest()
+        return take
 
     def _live_since_of_rest(self) -> None:
         """Some live records left: estimate when the oldest remaining one was stored.
@@ -266,13 +263,17 @@ class Takes(Core):
                 self._unrecorded.append(take)
                 self._wait()
 
-    def _finish(self, take: Take, forget_record: bool = True) -> None:
-        """The take's records are done with (confirmed, rejected, divided)."""
+    def _finish(self, take: Take, mark_done: bool = True) -> None:
+        """The take's records are done with (confirmed, rejected, divided). Its record, if it
+        has one, is marked done with the next commit (`mark_done`; or already was) and goes with
+        the last of its chunks."""
         if take in self._unrecorded:
             self._unrecorded.remove(take)
-        elif take.recorded and forget_record:
-            self._unrecord.append(take.seq)
-            self._wait()
+        elif take.recorded:
+            self._ended[take.seq] = {cid for cid, _, _ in take.spans}
+            if mark_done:
+                self._mark_done.append(take.seq)
+                self._wait()
         self._out.add(len(take.records), take.readings, take.raw, -1)
         self._takes -= 1
         for cid, lo, hi in take.spans:
@@ -287,11 +288,6 @@ class Takes(Core):
                 self._unpacked.pop(cid, None)
                 self._pending.append(cid)
                 self._wait()
-        if self._gap_seq == take.seq:
-            self._gap_seq = None
-            if take.state is TakeState.CONFIRMED:
-                self._gap = Gap()
-                self._gap_dirty = True
 
     def _end(self, take: Take, state: TakeState, at_ms: int | None = None) -> None:
         with self._lock:
@@ -325,12 +321,15 @@ class Takes(Core):
                     self.count(name, n)
                 self.count("dead_letters", len(letters))
                 self.count("too_large_readings", take.readings)
-                db.execute("DELETE FROM takes WHERE seq = ?", (take.seq,))
+                db.execute("UPDATE takes SET done = 1 WHERE seq = ?", (take.seq,))
+                if take.gap is not None:  # its message is never sent: the next one reports the gap
+                    self._gap.merge(take.gap)
+                    self._gap_dirty = True
                 self._save_state()
 
             self._write(work, drain=True)
             take.state = TakeState.REJECTED
-            self._finish(take, forget_record=False)
+            self._finish(take, mark_done=False)
 
     def _divide(self, take: Take, parts: Sequence[Sequence[Stored]]) -> list[Take]:
         with self._lock:
@@ -348,27 +347,27 @@ class Takes(Core):
                 # after a crash the parts are sent again as they were, the original never.
                 ids = [self._insert_chunk(db, part, b"") for part in lists]
                 db.executemany(
-                    "INSERT INTO takes VALUES (?,?,?,?)",
+                    "INSERT INTO takes (seq, created_ms, spans, gap) VALUES (?,?,?,?)",
                     [
                         (seq, take.created_ms, json.dumps([(cid, 0, len(part))]), None if i or carried is None else
                          json.dumps(carried.__dict__))
                         for i, (seq, cid, part) in enumerate(zip(seqs, ids, lists, strict=True))
                     ],
                 )
-                db.execute("DELETE FROM takes WHERE seq = ?", (take.seq,))
+                db.execute("UPDATE takes SET done = 1 WHERE seq = ?", (take.seq,))
                 self.count("split_batches")
                 self._save_state()
                 return ids
 
             ids = self._write(work, drain=True)
             take.state = TakeState.DIVIDED
-            self._finish(take, forget_record=False)
+            self._finish(take, mark_done=False)
             out: list[Take] = []
             for seq, cid, part in zip(seqs, ids, lists, strict=True):
                 self._touched[cid] = Touched(len(part), out=set(range(len(part))))
                 t = Take(self, seq, take.created_ms, take.live, part, [(cid, 0, len(part))], recorded=True)
                 if carried is not None and not out:
-                    t.gap, self._gap_seq = carried, seq
+                    t.gap = carried
                 self._out.add(len(part), t.readings, t.raw)
                 self._takes += 1
                 out.append(t)
@@ -404,3 +403,5 @@ class Takes(Core):
             readings, raw = sum(r.readings for r in given), sum(len(r.payload) for r in given)
             self._out.add(len(given), readings, raw, -1)
             self._untaken[take.live].add(len(given), readings, raw)
+            if take.live:  # the records given back wait for the next live message from now
+                self._live_since_of_rest()
