@@ -34,6 +34,10 @@ from gateway.sources.mqtt import RECEIVE_MAXIMUM
 log = structlog.get_logger("gateway.intake")
 
 MAX_GROUP = 2000
+#: A source with this many deliveries unacked is committed at once: a quarter of its broker's
+#: Receive Maximum, so the broker always has room to send while we commit (a burst or a
+#: catch-up is a pipeline, not stop-and-go at one Receive Maximum per commit window).
+COMMIT_AT_UNACKED = RECEIVE_MAXIMUM // 4
 #: A group also ends at this many bytes of messages, and its decoding at this many readings, so
 #: one transaction (and the memory that holds it) stays small whatever the messages weigh.
 MAX_GROUP_BYTES = 4 * 1024**2
@@ -199,11 +203,10 @@ class Intake:
             weight = _weight(first)
             reload: _Reload | None = None
             window_ends = time.monotonic() + self.commit_interval_s
-            # A source that has handed over its broker's Receive Maximum gets nothing more
-            # until these are acked: waiting out the window then only idles (a catch-up would
-            # go at one Receive Maximum per window). Commit at once instead.
+            # A source with many deliveries unacked gets nothing more once they reach its
+            # Receive Maximum: waiting out the window then only idles. Commit before that.
             unacked = {first.source_name: 1}
-            while len(group) < MAX_GROUP and weight < MAX_GROUP_BYTES and max(unacked.values()) < RECEIVE_MAXIMUM:
+            while len(group) < MAX_GROUP and weight < MAX_GROUP_BYTES and max(unacked.values()) < COMMIT_AT_UNACKED:
                 wait = window_ends - time.monotonic()
                 try:
                     item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
