@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from itertools import groupby
 
 from gateway import wire
 from gateway.buffer import records as rec
 from gateway.buffer.records import Stored
+from gateway.systemd import Notifier
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
@@ -54,7 +56,14 @@ def migrate_first_version(db: sqlite3.Connection) -> str:
         pending.clear()
 
     gap = json.loads((db.execute("SELECT value FROM state WHERE key='gap'").fetchone() or ["{}"])[0])
-    for oldest, gzipped, payload in db.execute("SELECT oldest_ms, gzip, payload FROM batches ORDER BY seq").fetchall():
+    notifier = Notifier()
+    extended = time.monotonic()
+    # Row by row (a first-version backlog may be a gigabyte of formed messages), telling systemd
+    # the start takes longer while it goes (a Pi may need minutes, past the start timeout).
+    for oldest, gzipped, payload in db.execute("SELECT oldest_ms, gzip, payload FROM batches ORDER BY seq"):
+        if time.monotonic() - extended > 10:
+            notifier.notify("EXTEND_TIMEOUT_USEC=60000000", "STATUS=carrying the buffer over to the new format")
+            extended = time.monotonic()
         message = wire.decode_message(bytes(payload), bool(gzipped))
         batches += 1
         if message.get("meta", {}).get("gap"):
