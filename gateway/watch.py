@@ -423,7 +423,10 @@ def watch(path: Path, ids: Sequence[str], as_json: bool, out: TextIO = sys.stdou
             os.close(dir_fd)
     try:
         with conn, conn.makefile("rb") as stream:
-            conn.sendall(_line({"ids": list(ids)}))
+            try:
+                conn.sendall(_line({"ids": list(ids)}))
+            except OSError:
+                pass  # the daemon went at once: the answer below is missing, and says so
             answer = json.loads(stream.readline() or b"{}")
             if answer.get("event") != "watching":
                 print(f"hub-gateway watch: the daemon refused: {answer.get('message', 'it closed the connection')}",
@@ -439,8 +442,8 @@ def watch(path: Path, ids: Sequence[str], as_json: bool, out: TextIO = sys.stdou
                 out.flush()
     except KeyboardInterrupt:
         return 0
-    except (ConnectionResetError, BrokenPipeError):
-        pass
+    except ConnectionResetError:
+        pass  # the daemon went; a BrokenPipeError is stdout's (`watch | head`): the caller's to handle
     print("hub-gateway watch: the daemon stopped", file=err)
     return 1
 
