@@ -1,4 +1,4 @@
-"""The command line: run, check, status, enroll, schema, demo (SPEC section 3)."""
+"""The command line: run, check, status, watch, enroll, schema, demo (SPEC section 3)."""
 
 from __future__ import annotations
 
@@ -195,6 +195,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Stream what the running daemon does with each uplink, from its socket beside the buffer."""
+    from gateway.config import load_settings
+    from gateway.watch import socket_path, watch
+
+    path = _config_path(args.config)
+    try:
+        settings = load_settings(path)  # gateway.yaml only, like status: a broken map must not stop it
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return watch(socket_path(settings.buffer.path), args.ids, args.json)
+    except KeyboardInterrupt:  # Ctrl-C before the stream started: as quiet as during it
+        return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
     # Until the service installs its handlers, SIGHUP (a `systemctl reload` racing the start)
@@ -301,6 +319,25 @@ examples:
   hub-gateway status --json | jq .backlog
 """
 
+_WATCH_EPILOG = """\
+One line per uplink, as the running daemon commits it: the readings with their units (after
+the device map's rename and scale), a dead letter with its reason and payload in hex, an
+uplink from an unmapped device or another ChirpStack tenant, a ChirpStack log event, a
+duplicate. IDs (sensor_id, dev_eui or osm_id) are filtered by the daemon. A terminal that
+does not keep up is told how many events it missed; the daemon never waits for it.
+Read-only: it changes nothing in the daemon.
+
+exit status:
+  0  stopped with Ctrl-C
+  1  no daemon is running (or it stopped while watching), or the socket cannot be opened
+  2  gateway.yaml does not validate
+
+examples:
+  sudo -u hub-gateway hub-gateway watch
+  sudo -u hub-gateway hub-gateway watch press-03-clamp 70b3d57ed0005678
+  sudo -u hub-gateway hub-gateway watch --json | jq -c 'select(.event == "dead_letter")'
+"""
+
 _ENROLL_EPILOG = """\
 AWS IoT fleet provisioning by claim. Connects to cloud.endpoint with the claim certificate and
 client id gateway.id, makes a private key here (it never leaves the gateway), asks IoT Core for
@@ -378,6 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help=config_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "watch",
+        help="live stream of what the running daemon does with each uplink",
+        description="Show, live, what the running daemon does with each uplink (all devices, or those named).",
+        epilog=_WATCH_EPILOG,
+        formatter_class=raw,
+    )
+    p.add_argument("ids", nargs="*", metavar="ID", help="sensor_id, dev_eui or osm_id (default: every device)")
+    p.add_argument("-c", "--config", help=config_help)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser(
         "enroll",

@@ -44,6 +44,8 @@ MAX_BACKOFF_S = 60.0
 MIN_LEARNT_MAX_BYTES = 4096
 #: The smallest part a refused batch is split into (bytes of message).
 MIN_SPLIT_BYTES = 256
+#: Successful publishes are logged as one info line per this many seconds (each batch only at debug).
+SUMMARY_EVERY_S = 60.0
 
 
 class Stage(Enum):
@@ -105,6 +107,9 @@ class Dispatcher:
         self._largest_accepted = 0
         self._paused_until = 0.0
         self.published_batches = 0
+        #: Since the last summary line: batches, readings and message bytes the cloud accepted.
+        self._summary = [0, 0, 0]
+        self._summary_from = clock()
 
     # ---- what the service asks ---------------------------------------------------------------
 
@@ -191,8 +196,26 @@ class Dispatcher:
                 self._link_refusals = 0
                 self._largest_accepted = max(self._largest_accepted, len(batch.payload))
                 log.debug("batch published", batch_id=batch.batch_id, readings=batch.readings, bytes=len(batch.payload))
+                self._summary[0] += 1
+                self._summary[1] += batch.readings
+                self._summary[2] += len(batch.payload)
                 continue
             self._refused(life, batch, result)
+        self.summarise()
+
+    def summarise(self, force: bool = False) -> None:
+        """Log what the cloud accepted since the last summary, once every SUMMARY_EVERY_S (or
+        now, with `force`: the stop); nothing when nothing was published."""
+        now = self._clock()
+        if not force and now - self._summary_from < SUMMARY_EVERY_S:
+            return
+        batches, readings, size = self._summary
+        if batches:
+            log.info(
+                "published", batches=batches, readings=readings, bytes=size, seconds=round(now - self._summary_from)
+            )
+        self._summary = [0, 0, 0]
+        self._summary_from = now
 
     def flush(self, deadline: float) -> None:
         """Stopping: everything committed goes out now, if the cloud is there to take it.
@@ -224,6 +247,7 @@ class Dispatcher:
             self._answered.wait(0.05)
             self._answered.clear()
         self.collect_results()
+        self.summarise(force=True)
 
     # ---- a batch's life -------------------------------------------------------------------------
 

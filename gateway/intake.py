@@ -131,6 +131,10 @@ class Intake:
         #: The exception that ended the intake thread, if one did (the service stops on it).
         self.died: BaseException | None = None
         self.on_died: Callable[[], None] = lambda: None
+        #: Called on the intake thread after a group is committed and acked, with what each of its
+        #: outcomes became: (outcome, True if it was stored before). Feeds `hub-gateway watch`;
+        #: it must not block.
+        self.on_stored: Callable[[list[tuple[Outcome | DeviceLog, bool]]], None] = lambda happened: None
         self._named: set[str] = set()
         self._hinted: set[str] = set()
         #: (device, override key) -> decoded uplinks in a row that did not produce it; None
@@ -257,7 +261,7 @@ class Intake:
             problem = None
             part = pending[:size]
             try:
-                result = self._store([o for _, outcomes in part for o in outcomes])
+                result, stored = self._store([o for _, outcomes in part for o in outcomes])
             except DiskFullError as exc:
                 if size > 1:
                     size //= 2  # a smaller transaction may still fit in what room there is
@@ -282,7 +286,7 @@ class Intake:
                 size = 1
                 continue
             if problem is None:
-                rest = self._acknowledge(part, result)
+                rest = self._acknowledge(part, result, stored)
                 pending = rest + pending[size:]
                 if not pending:
                     break
@@ -300,9 +304,13 @@ class Intake:
             log.info("buffer takes intake again; acknowledging the held messages")
             self.stats.blocked = False
 
-    def _store(self, outcomes: list[Outcome | DeviceLog]) -> StoreResult:
-        """Commit outcomes, decoded uplinks as the records (or dead letters) `encode` makes."""
-        return self.buffer.store([self.encode(o) if isinstance(o, DecodedUplink) else o for o in outcomes])
+    def _store(self, outcomes: list[Outcome | DeviceLog]) -> tuple[StoreResult, list[Record | Outcome | DeviceLog]]:
+        """Commit outcomes, decoded uplinks as the records (or dead letters) `encode` makes;
+        return what the buffer said and what it was given."""
+        stored: list[Record | Outcome | DeviceLog] = [
+            self.encode(o) if isinstance(o, DecodedUplink) else o for o in outcomes
+        ]
+        return self.buffer.store(stored), stored
 
     def _hold_all(self, reason: str, tell: Callable[[str], None]) -> None:
         """The buffer cannot be trusted any more: ack nothing from now on, tell the service."""
@@ -320,7 +328,7 @@ class Intake:
         rest: list[tuple[Delivery, list[Outcome | DeviceLog]]] = []
         for i, (delivery, outcomes) in enumerate(part):
             try:
-                result = self._store(outcomes)
+                result, stored = self._store(outcomes)
             except (BufferFullError, BufferLostError, sqlite3.DatabaseError):
                 return rest + part[i:]
             except Exception as exc:
@@ -329,13 +337,18 @@ class Intake:
                 log.exception("cannot store a message; kept as a dead letter", topic=delivery.topic)
                 rest.append((delivery, [self._dead_letter(delivery, f"internal error: {type(exc).__name__}: {exc}")]))
                 continue
-            rest += self._acknowledge([(delivery, outcomes)], result)
+            rest += self._acknowledge([(delivery, outcomes)], result, stored)
         return rest
 
     def _acknowledge(
-        self, pending: list[tuple[Delivery, list[Outcome | DeviceLog]]], result: StoreResult
+        self,
+        pending: list[tuple[Delivery, list[Outcome | DeviceLog]]],
+        result: StoreResult,
+        stored: list[Record | Outcome | DeviceLog],
     ) -> list[tuple[Delivery, list[Outcome | DeviceLog]]]:
-        """Ack the messages whose outcomes the store committed (a prefix); return the rest."""
+        """Ack the messages whose outcomes the store committed (a prefix); return the rest.
+        `stored` is what the buffer was given for them (a decoded uplink may have become a dead
+        letter there: too big for any message)."""
         done = covered = 0
         for _, outcomes in pending:
             if covered + len(outcomes) > result.taken:
@@ -344,17 +357,26 @@ class Intake:
             done += 1
         for delivery, _ in pending[:done]:
             delivery.ack()
+        # What each acked outcome became (a decoded uplink too big for any message became a dead
+        # letter in `stored`), and whether the buffer had it already.
+        duplicates = set(result.duplicate_at)
+        happened: list[tuple[Outcome | DeviceLog, bool]] = []
+        for outcome, given in zip((o for _, outcomes in pending[:done] for o in outcomes), stored, strict=False):
+            shown = given if isinstance(given, DeadLetter) else outcome
+            happened.append((shown, len(happened) in duplicates))
         if result.dropped is not None:
             log.warning("buffer bound reached: oldest readings dropped", **result.dropped.log_fields())
         if result.dead_letters:
             # Say what and why for the first few (journalctl shows it without `status`), then count.
-            named = [o for _, outcomes in pending[:done] for o in outcomes if isinstance(o, DeadLetter)]
+            named = [o for o, duplicate in happened if isinstance(o, DeadLetter) and not duplicate]
             for letter in named[:DEAD_LETTERS_NAMED]:
                 log.warning(
                     "dead letter",
                     device=str(letter.device) if letter.device else None,
                     sensor_id=letter.sensor_id,
                     reason=letter.reason[:300],
+                    # No device in it (an event that does not parse): its topic is the best name.
+                    **({"topic": letter.topic} if letter.device is None else {}),
                 )
             if result.dead_letters > min(len(named), DEAD_LETTERS_NAMED):
                 log.warning("dead letters stored", count=result.dead_letters)
@@ -362,6 +384,8 @@ class Intake:
         self.stats.messages += done
         self.stats.groups += 1
         self.on_commit()
+        if happened:
+            self.on_stored(happened)
         return pending[done:]
 
     def _outcomes(self, delivery: Delivery) -> list[Outcome | DeviceLog]:
@@ -527,7 +551,7 @@ class Intake:
         if not page:
             return 0
         try:
-            result = self._store([o for _, o in page])
+            result, _ = self._store([o for _, o in page])
         except (BufferFullError, sqlite3.OperationalError) as exc:
             log.warning("kept uplinks not stored again yet: the buffer refuses them", reason=str(exc))
             return 0

@@ -28,14 +28,17 @@ from gateway.buffer import (
     mark_damaged,
     now_ms,
 )
+from gateway.cli import version
 from gateway.cloud import Publisher, build_publisher
 from gateway.config import Config, ConfigError, device_map_files, load_device_maps, load_settings
-from gateway.config.settings import Settings
+from gateway.config.settings import IotCoreCloud, Settings
 from gateway.dispatch import Dispatcher
 from gateway.errors import BufferLostError, DiskFullError
 from gateway.intake import Intake
+from gateway.model import DeviceKey
 from gateway.sources import RunningSource, build_sources, source_name
 from gateway.systemd import Notifier
+from gateway.watch import WatchServer, socket_path
 
 log = structlog.get_logger("gateway.service")
 
@@ -58,6 +61,8 @@ EXIT_BUFFER_DAMAGED = 3
 EXIT_STORAGE_FAILED = 4
 #: A wall-clock step bigger than this between two turns of the main loop is logged.
 CLOCK_JUMP_S = 30.0
+#: A reload's log line names this many added, removed and changed devices each.
+RELOAD_NAMED = 50
 
 
 def open_buffer(settings: Settings) -> Buffer:
@@ -68,6 +73,11 @@ def open_buffer(settings: Settings) -> Buffer:
         max_age_s=settings.buffer.max_age,
         when_full=settings.buffer.when_full,
     )
+
+
+def _at_most(names: list[str], count: int) -> list[str]:
+    """The first `count` names, and how many more there are."""
+    return names if len(names) <= count else [*names[:count], f"... and {len(names) - count} more"]
 
 
 class Service:
@@ -119,6 +129,9 @@ class Service:
         self.intake.on_damage = self._on_damage
         self.intake.on_lost = self._on_lost
         self.intake.on_died = self._wake.set
+        # `hub-gateway watch`: what intake committed, streamed to whoever watches.
+        self.watch = WatchServer(socket_path(s.buffer.path), sensor_of=self._sensor_of)
+        self.intake.on_stored = self.watch.publish
         self.stopped = threading.Event()
         #: What `run` should exit with: 0, or EXIT_BUFFER_DAMAGED.
         self.exit_code = 0
@@ -127,6 +140,11 @@ class Service:
         self._disk_trouble: str | None = None
         #: Wall-clock step seen last (seconds, + forward), for the bound that drops by age.
         self._clock_jump_s: float | None = None
+
+    def _sensor_of(self, device: DeviceKey) -> str | None:
+        """The sensor_id the running maps give a device (for watch events that do not say)."""
+        mapped = self.intake.devices.get(device)
+        return mapped.entry.sensor_id if mapped is not None else None
 
     @property
     def published_batches(self) -> int:
@@ -199,6 +217,7 @@ class Service:
                 reason=recovered.reason,
             )
         self.publisher.start()
+        self.watch.start()
         self.intake.start()
         for source in self.sources:
             source.start()
@@ -221,11 +240,16 @@ class Service:
                 "local broker not reachable yet; starting anyway and retrying", sources=[src.name for src in waiting]
             )
         depth = self.buffer.depth()
+        cloud = s.cloud
         log.info(
             "gateway started",
+            version=version(),
             gateway_id=s.gateway.id,
             devices=len(self.config.devices),
             sources=[src.name for src in self.sources],
+            cloud=cloud.kind,
+            endpoint=f"{cloud.endpoint}:{cloud.port}" if isinstance(cloud, IotCoreCloud) else str(cloud.directory),
+            topic=cloud.topic_for(s.gateway),
             backlog_readings=depth.total_readings,
         )
         if self.buffer.migrated:
@@ -319,6 +343,7 @@ class Service:
         """Intake first (it finishes and acks the group it is committing), then the sources;
         what was not acked stays with the local broker for our session."""
         self.intake.stop(timeout_s=1.5)
+        self.watch.stop()
         for source in self.sources:
             try:
                 source.stop()
@@ -426,11 +451,17 @@ class Service:
             return
         for warning in devices.warnings:
             log.warning("device map: likely mistake", problem=str(warning))
+        changes = devices.changes_from(self.config.devices)
         self.config = Config(self.config.path, self.settings, devices)
         self.intake.use_devices(devices)
         # The intake thread switches between two groups, then decodes dead letters of changed
         # devices and replays kept uplinks page by page; its "device maps in use" line counts them.
-        log.info("device maps reloaded", devices=len(devices))
+        log.info(
+            "device maps reloaded",
+            devices=len(devices),
+            # Named up to RELOAD_NAMED each (a site's whole map replaced would flood the line).
+            **{what: _at_most(names, RELOAD_NAMED) for what, names in changes.items()},
+        )
 
     def _status_line(self) -> str:
         depth = self.buffer.depth()

@@ -395,3 +395,26 @@ def test_a_cloud_that_refuses_everything_leaves_the_readings_on_disk(buffer: Buf
         clock.at += 1.0
     assert len({b.seq for b in publisher.sent}) == d.held_max == 8
     assert buffer.depth(live=False).uplinks == 40 - 8
+
+
+def test_successful_publishes_are_summarised_once_a_minute_at_info(buffer: Buffer, batcher: Batcher) -> None:
+    """Each accepted batch is logged at debug only; one info line a minute (and one at the stop's
+    flush) sums the batches, readings and bytes accepted since the last, and a quiet minute says
+    nothing."""
+    backlog(buffer, 3)
+    publisher, clock = FakePublisher(), Clock()
+    d = dispatcher(batcher, publisher, clock)
+    with capture_logs() as logs:
+        turn(d)
+        d.collect_results()
+        assert [e for e in logs if e["log_level"] == "info"] == []
+        clock.at += 60.0
+        d.collect_results()
+        clock.at += 60.0
+        d.collect_results()  # nothing published in this minute: no line
+        buffer.store([to_record(uplink(9))])
+        d.flush(clock.at + 5.0)
+    summaries = [e for e in logs if e["event"] == "published"]
+    assert [(e["log_level"], e["batches"], e["readings"]) for e in summaries] == [("info", 3, 6), ("info", 1, 2)]
+    assert summaries[0]["bytes"] == sum(len(b.payload) for b in publisher.sent[:3]) and summaries[0]["seconds"] == 60
+    assert len([e for e in logs if e["event"] == "batch published"]) == 4

@@ -44,6 +44,8 @@ class StoreResult:
     logs: int = 0
     dropped: Gap | None = None  # drop-oldest made room for this group
     taken: int = 0  # how many outcomes, from the first, were committed (stop-intake: maybe not all)
+    #: Positions (in the stored list) of the outcomes already stored before: what `duplicates` counts.
+    duplicate_at: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -78,6 +78,7 @@ class Buffer(Bounds):
                     key = rec.digest(o.key)
                     if key in self._seen or key in new_keys:
                         result.duplicates += 1
+                        result.duplicate_at.append(index)
                         continue
                     keys.append(key)
                     new_keys.add(key)
@@ -93,6 +94,7 @@ class Buffer(Bounds):
                     key = rec.digest(f"{o.device}|{o.dedup_key or o.source}" if o.device else o.dedup_key or o.source)
                     if key in self._seen or key in new_keys:
                         result.duplicates += 1
+                        result.duplicate_at.append(index)
                         continue
                     keys.append(key)
                     new_keys.add(key)

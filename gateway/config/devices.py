@@ -295,3 +295,18 @@ class DeviceMap:
 
     def __len__(self) -> int:
         return len(self.by_key)
+
+    def changes_from(self, old: DeviceMap) -> dict[str, list[str]]:
+        """What a reload from `old` to this map does, device by device: `added`, `removed` and
+        `changed` (any key of its entry), each device named `sensor_id (dev_eui:...)`."""
+
+        def named(key: DeviceKey, mapped: MappedDevice) -> str:
+            return f"{mapped.entry.sensor_id} ({key})"
+
+        return {
+            "added": [named(k, m) for k, m in self.by_key.items() if k not in old.by_key],
+            "removed": [named(k, m) for k, m in old.by_key.items() if k not in self.by_key],
+            "changed": [
+                named(k, m) for k, m in self.by_key.items() if k in old.by_key and old.by_key[k].entry != m.entry
+            ],
+        }
