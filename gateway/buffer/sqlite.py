@@ -119,6 +119,7 @@ class Buffer(Bounds):
                     d = devices.of(str(o.device), None, o.received_ms)
                     d["log"] += 1
                     d["lastlog"] = f"{o.level} {o.code}: {o.description}"[:300]
+                    devices.outcome(d, "log")
             result.dead_letters, result.unmapped = len(letters), len(unmapped)
             chunks = rec.cut(kept)
 

@@ -254,7 +254,10 @@ class MetricsSettings(Strict):
         host, _, port = value.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError(f"listen must be host:port with a port 0-65535 (0: any free port, logged), e.g. 127.0.0.1:9464 (not {value!r})")
+            raise ValueError(
+                f"listen must be host:port with a port 0-65535 (0: any free port, logged), e.g. "
+                f"127.0.0.1:9464 (not {value!r})"
+            )
         return value
 
     @property
