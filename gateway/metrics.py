@@ -53,7 +53,7 @@ class SnapshotCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(PREFIX + name, doc, value=value)
 
-        yield counter("uplinks", "Uplinks stored since the daemon started.", s.uplinks)
+        yield counter("uplinks", "Uplinks whose readings were stored, since the daemon started.", s.uplinks)
         yield counter("readings", "Readings stored since the daemon started.", s.readings)
         yield counter("dead_letters", "Payloads that did not decode (dead letters).", s.dead_letters)
         yield counter("unmapped_uplinks", "Uplinks from devices in no map (kept for replay).", s.unmapped)
