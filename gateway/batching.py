@@ -24,7 +24,7 @@ from typing import Any
 from gateway import wire
 from gateway.buffer import Buffer, Record, Stored, Take
 from gateway.buffer.results import gap_meta
-from gateway.model import Batch, DeadLetter, DecodedUplink, DeviceKey
+from gateway.model import Batch, DeadLetter, DecodedUplink, DeviceKey, Reading, Value
 
 #: Integers the cloud can store: Snowflake's NUMBER(38).
 CLOUD_INT_LIMIT = 10**38
@@ -105,7 +105,17 @@ def to_record(uplink: DecodedUplink, max_bytes: int = 120 * 1024, compress: bool
         received_ms=uplink.received_ms,
         readings=len(uplink.readings),
         payload=series.encode(),
+        latest=latest_readings(uplink),
     )
+
+
+def latest_readings(uplink: DecodedUplink) -> tuple[tuple[str, Value, str | None, int], ...]:
+    """The newest reading of each metric of an uplink, as `Record.latest` carries it."""
+    newest: dict[str, Reading] = {}
+    for r in uplink.readings:
+        if r.metric not in newest or r.t_ms >= newest[r.metric].t_ms:
+            newest[r.metric] = r
+    return tuple((r.metric, r.value, r.unit, r.t_ms) for r in newest.values())
 
 
 @dataclass(frozen=True)

@@ -166,9 +166,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show the backlog, last publish, dead letters and devices, from the buffer file."""
-    from gateway.config import load_settings
-    from gateway.status import certificate_status, format_status, read_status
+    """Show the backlog, last publish, dead letters and devices, from the buffer file; or, with
+    DEVICE, a diagnosis of one device."""
+    from gateway.config import load_settings, read_device_maps
+    from gateway.status import (
+        certificate_status,
+        device_table,
+        find_device,
+        format_device,
+        format_status,
+        maps_in_use,
+        read_status,
+        suggest,
+    )
 
     path = _config_path(args.config)
     try:
@@ -191,6 +201,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         return EXIT_PROBLEMS
     report["certificate"] = certificate_status(settings.cloud)
+    devices, problems = read_device_maps(path, settings)
+    on_disk = [
+        {"device": str(key), "sensor_id": m.entry.sensor_id, "codec": m.entry.codec, "where": m.where}
+        for key, m in devices.by_key.items()
+    ]
+    report["maps"] = maps_in_use(report, on_disk, [str(p) for p in problems])
+    report["device_table"] = device_table(report, report["maps"])
+    if args.device is not None:
+        entry = find_device(args.device, report["device_table"])
+        if entry is None:
+            near = suggest(args.device, report["device_table"])
+            hint = f"; did you mean {' or '.join(near[:3])}?" if near else ""
+            print(
+                f"hub-gateway: unknown device {args.device!r}: in no device map, not among the devices the "
+                f"daemon runs with, never heard{hint}",
+                file=sys.stderr,
+            )
+            return EXIT_PROBLEMS
+        print(json.dumps(entry, indent=2) if args.json else format_device(entry, report))
+        return EXIT_OK
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return EXIT_OK
 
@@ -312,10 +342,19 @@ examples:
 """
 
 _STATUS_EPILOG = """\
-Reads the buffer file: works while `run` is running and while it is stopped.
+Reads the buffer file: works while `run` is running and while it is stopped, and while a
+device map on disk is broken (it names the broken file and shows the devices the running
+daemon uses). Every mapped device is listed, heard or not, with a verdict: ok, never heard,
+an unmapped near-miss id heard, decode errors, other tenant, frame-counter reset, late.
+
+exit status:
+  0  status shown
+  1  the buffer cannot be read, or DEVICE is unknown (in no map, never heard)
+  2  gateway.yaml does not validate
 
 examples:
   hub-gateway status -c /etc/hub-gateway/gateway.yaml
+  hub-gateway status press-03-clamp        (or its dev_eui or osm_id)
   hub-gateway status --json | jq .backlog
 """
 
@@ -413,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     p.add_argument("-c", "--config", help=config_help)
+    p.add_argument(
+        "device", nargs="?", metavar="DEVICE", help="diagnose one device: its sensor_id, dev_eui or osm_id"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 

@@ -31,7 +31,7 @@ from enum import Enum
 import structlog
 
 from gateway.batching import Batcher
-from gateway.buffer import Buffer
+from gateway.buffer import Buffer, now_ms
 from gateway.cloud import CONNECTION_REFUSALS, Publisher, PublishResult
 from gateway.model import Batch
 
@@ -110,6 +110,8 @@ class Dispatcher:
         #: Since the last summary line: batches, readings and message bytes the cloud accepted.
         self._summary = [0, 0, 0]
         self._summary_from = clock()
+        #: The last publish the cloud did not accept: at_ms, reason, reason_code (for `status`).
+        self.last_refusal: dict[str, object] | None = None
 
     # ---- what the service asks ---------------------------------------------------------------
 
@@ -121,6 +123,11 @@ class Dispatcher:
         """Where batch `seq` is in its life; None once confirmed, split, dropped or unknown."""
         life = self._lives.get(seq)
         return None if life is None else life.stage
+
+    @property
+    def in_flight(self) -> int:
+        """Batches published and not yet answered."""
+        return len(self._flying)
 
     def pause(self, seconds: float) -> None:
         """Publish nothing for `seconds` (the buffer cannot be written meanwhile)."""
@@ -317,6 +324,7 @@ class Dispatcher:
             self.buffer.count("publish_failed")
             log.debug("batch lost with the connection; sent again when it is back", batch_id=batch.batch_id)
             return
+        self.last_refusal = {"at_ms": now_ms(), "reason": str(result), "reason_code": result.reason_code}
         attempts = life.failures + 1
         backoff = min(MAX_BACKOFF_S, 2.0 ** min(attempts, 6))
         self._queue(batch, not_before=now + backoff).failures = attempts

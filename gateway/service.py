@@ -35,7 +35,9 @@ from gateway.config.settings import IotCoreCloud, Settings
 from gateway.dispatch import Dispatcher
 from gateway.errors import BufferLostError, DiskFullError
 from gateway.intake import Intake
+from gateway.metrics import MetricsServer
 from gateway.model import DeviceKey
+from gateway.report import Reporter
 from gateway.sources import RunningSource, build_sources, source_name
 from gateway.systemd import Notifier
 from gateway.watch import WatchServer, socket_path
@@ -140,6 +142,12 @@ class Service:
         self._disk_trouble: str | None = None
         #: Wall-clock step seen last (seconds, + forward), for the bound that drops by age.
         self._clock_jump_s: float | None = None
+        self.reporter = Reporter(self.buffer, self.intake.stats, self.dispatcher, self.publisher)
+        self.metrics: MetricsServer | None = None
+        if s.metrics is not None:
+            self.metrics = MetricsServer(s.metrics.host, s.metrics.port, self.reporter.snapshot)
+        #: The cloud link as `status` shows it: up or down, and since when (wall ms).
+        self._link: tuple[bool, int] | None = None
 
     def _sensor_of(self, device: DeviceKey) -> str | None:
         """The sensor_id the running maps give a device (for watch events that do not say)."""
@@ -216,6 +224,15 @@ class Service:
                 moved_to=str(recovered.moved_to),
                 reason=recovered.reason,
             )
+        self.buffer.note_state("started_ms", now_ms())
+        self._note_devices()
+        self._note_cloud()
+        if self.metrics is not None:
+            try:
+                self.metrics.start()
+            except OSError as exc:  # metrics are for people watching; the data flows without them
+                log.error("cannot serve metrics", listen=s.metrics.listen if s.metrics else None, error=str(exc))
+                self.metrics = None
         self.publisher.start()
         self.watch.start()
         self.intake.start()
@@ -295,6 +312,7 @@ class Service:
                 # While the buffer could not be written, try every status turn to learn it can again.
                 if now >= next_heartbeat or (self._disk_trouble is not None and now + STATUS_EVERY_S >= next_status):
                     next_heartbeat = now + HEARTBEAT_EVERY_S
+                    self._note_cloud()
                     self.buffer.heartbeat()
                     if self._disk_trouble is not None:
                         log.info("buffer writable again", after=self._disk_trouble)
@@ -454,6 +472,7 @@ class Service:
         changes = devices.changes_from(self.config.devices)
         self.config = Config(self.config.path, self.settings, devices)
         self.intake.use_devices(devices)
+        self._note_devices()
         # The intake thread switches between two groups, then decodes dead letters of changed
         # devices and replays kept uplinks page by page; its "device maps in use" line counts them.
         log.info(
@@ -462,6 +481,36 @@ class Service:
             # Named up to RELOAD_NAMED each (a site's whole map replaced would flood the line).
             **{what: _at_most(names, RELOAD_NAMED) for what, names in changes.items()},
         )
+
+    def _note_devices(self) -> None:
+        """The devices this daemon runs with, for `status` while a map on disk is broken."""
+        self.buffer.note_state(
+            "devices",
+            [
+                {"device": str(key), "sensor_id": m.entry.sensor_id, "codec": m.entry.codec, "where": m.where}
+                for key, m in sorted(self.config.devices.by_key.items(), key=lambda item: str(item[0]))
+            ],
+        )
+
+    def _note_cloud(self) -> None:
+        """The cloud link for `status`: up or down and since when, and the last error with its
+        reason code (a connection refused or dropped, or a publish refused)."""
+        connected = self.publisher.connected
+        if self._link is None or self._link[0] != connected:
+            self._link = (connected, now_ms())
+        errors = []
+        if getattr(self.publisher, "last_error", None):
+            errors.append(
+                {
+                    "at_ms": getattr(self.publisher, "last_error_ms", None),
+                    "reason": self.publisher.last_error,  # type: ignore[attr-defined]
+                    "reason_code": getattr(self.publisher, "last_error_code", None),
+                }
+            )
+        if self.dispatcher.last_refusal is not None:
+            errors.append(dict(self.dispatcher.last_refusal))
+        last = max(errors, key=lambda e: e["at_ms"] or 0) if errors else None
+        self.buffer.note_state("cloud", {"connected": connected, "since_ms": self._link[1], "last_error": last})
 
     def _status_line(self) -> str:
         depth = self.buffer.depth()
@@ -491,6 +540,13 @@ class Service:
         except sqlite3.DatabaseError as exc:
             log.error("cannot confirm the last batches; they are sent again at the next start", error=str(exc))
         depth = self.buffer.depth()
+        try:  # what `status` shows after the stop: the link as it ended
+            self._note_cloud()
+            self.buffer.heartbeat()
+        except (sqlite3.Error, BufferLostError) as exc:
+            log.error("cannot write the last heartbeat", error=str(exc))
         self.buffer.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped", unsent_readings=depth.total_readings, at_ms=now_ms())
         self.stopped.set()

@@ -3,12 +3,14 @@ long the cloud certificate has left."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from gateway import pki
 from gateway.buffer import now_ms, view
 from gateway.config.settings import Cloud, IotCoreCloud
+from gateway.config.suggest import close_names
 
 
 def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
@@ -93,22 +95,13 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"  {key}: {value}")
     for letter in report["dead_letters"]["latest"]:
         lines.append(f"  dead letter {_age(letter['received_ms'], now)} {letter['device']}: {letter['reason']}")
-    if report["devices"]:
-        lines.append("devices:")
-        for dev in report["devices"]:
-            extra = []
-            if dev["dead_letters"]:
-                extra.append(f"{dev['dead_letters']} dead letters")
-            if dev["log_events"]:
-                extra.append(f"{dev['log_events']} log events (last: {dev['last_log']})")
-            if dev["foreign_tenant"]:
-                extra.append(f"{dev['foreign_tenant']} from another tenant")
-            if dev.get("note"):
-                extra.append(dev["note"])
-            lines.append(
-                f"  {dev['device']:<28} {dev['sensor_id'] or '(unmapped)':<24} "
-                f"last seen {_age(dev['last_seen_ms'], now)}" + (f"; {', '.join(extra)}" if extra else "")
-            )
+    lines.insert(4, format_cloud(report.get("cloud"), now))
+    maps = report.get("maps") or {}
+    for problem in maps.get("problems", []):
+        lines.append(f"DEVICE MAP BROKEN: {problem}")
+    if maps.get("from") == "daemon":
+        lines.append("  (the devices below are those the running daemon uses; fix the map, then reload)")
+    lines += format_devices(report.get("device_table", []), now)
     return "\n".join(lines)
 
 
@@ -117,3 +110,224 @@ def _dead_letter_line(letters: dict[str, Any]) -> str:
     if letters["decoded_again"]:
         line += f", {letters['decoded_again']} decoded again after a map fix"
     return line
+
+
+# ---- devices: what is mapped, what was heard, and a verdict on each ----------------------------
+
+#: A device is late when silent for this many usual intervals, and at least LATE_MIN_S more.
+LATE_INTERVALS = 3
+LATE_MIN_S = 60
+
+
+def _span(seconds: float) -> str:
+    """A duration as people say it: 45 s, 14 min, 3.5 h, 2.0 d."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _clock(ms: int | None) -> str:
+    if ms is None:
+        return "unknown"
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn `a` into `b`."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            row[j] = min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def _how_near(heard: str, mapped: str) -> str | None:
+    """How an id heard differs from a mapped one, when it is a likely typo of it."""
+    heard, mapped = heard.lower(), mapped.lower()
+    distance = edit_distance(heard, mapped)
+    if distance == 0 or distance > 2:
+        return None
+    if len(heard) == len(mapped):
+        diff = [i for i in range(len(heard)) if heard[i] != mapped[i]]
+        if len(diff) == 2 and diff[1] == diff[0] + 1 and heard[diff[0]] == mapped[diff[1]]:
+            return "two neighbouring digits swapped from"
+    return "one digit from" if distance == 1 else "two digits from"
+
+
+def near_misses(device: str, heard: list[str]) -> list[str]:
+    """For a mapped device ("dev_eui:..."), the unmapped devices heard whose id is one or two
+    edits from its id, each as a sentence."""
+    kind, _, ident = device.partition(":")
+    found = []
+    for other in heard:
+        other_kind, _, other_id = other.partition(":")
+        how = _how_near(other_id, ident) if other_kind == kind else None
+        if how:
+            found.append(f"unmapped {kind} {other_id} was heard: {how} this device's {ident}")
+    return found
+
+
+def verdict(
+    mapped: dict[str, Any] | None, row: dict[str, Any] | None, strays: list[str], started_ms: int | None, now: int
+) -> str:
+    """One line on why a device is silent, or "ok"."""
+    if mapped is None:
+        return "heard but in no map"
+    heard = row is not None and bool(row.get("last_seen_ms"))
+    if not heard:
+        near = near_misses(mapped["device"], strays)
+        if near:
+            return near[0]
+        return f"never heard since {_clock(started_ms)}" if started_ms else "never heard"
+    assert row is not None
+    outcome, last_log = row.get("last_outcome"), row.get("last_log") or ""
+    if outcome == "other tenant" or (row["foreign_tenant"] and not row["uplinks"]):
+        return "other tenant"
+    if outcome == "dead letter" or (outcome == "log" and "UPLINK_CODEC" in last_log):
+        return "decode errors"
+    if outcome == "log" and "F_CNT_RESET" in last_log:
+        return "frame-counter reset"
+    interval = row.get("interval_ms")
+    age_s = (now - row["last_seen_ms"]) / 1000
+    if interval and age_s > max(LATE_INTERVALS * interval / 1000, interval / 1000 + LATE_MIN_S):
+        return f"late: last seen {_span(age_s)} ago, usually every {_span(interval / 1000)}"
+    return "ok"
+
+
+def device_table(report: dict[str, Any], maps: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every mapped device (heard or not) and every device heard but not mapped, with its
+    counters and verdict. `maps`: what `maps_in_use` returns."""
+    now = now_ms()
+    rows = {d["device"]: d for d in report.get("devices", [])}
+    mapped = {m["device"]: m for m in maps["devices"]}
+    strays = [key for key in rows if key not in mapped]
+    started = (report.get("daemon") or {}).get("started_ms")
+    table = []
+    for key in sorted(mapped, key=lambda k: mapped[k]["sensor_id"]):
+        row = rows.get(key)
+        table.append(_device_entry(key, mapped[key], row, verdict(mapped[key], row, strays, started, now)))
+    for key in sorted(strays):
+        table.append(_device_entry(key, None, rows[key], verdict(None, rows[key], strays, started, now)))
+    return table
+
+
+def _device_entry(key: str, mapped: dict[str, Any] | None, row: dict[str, Any] | None, says: str) -> dict[str, Any]:
+    kind, _, ident = key.partition(":")
+    row = row or {}
+    return {
+        "device": key,
+        "kind": kind,
+        "id": ident,
+        "sensor_id": mapped["sensor_id"] if mapped else row.get("sensor_id"),
+        "mapped": mapped is not None,
+        "where": mapped.get("where") if mapped else None,
+        "codec": mapped.get("codec") if mapped else None,
+        "last_seen_ms": row.get("last_seen_ms") or None,
+        "interval_ms": row.get("interval_ms"),
+        "uplinks": row.get("uplinks", 0),
+        "readings": row.get("readings", 0),
+        "dead_letters": row.get("dead_letters", 0),
+        "log_events": row.get("log_events", 0),
+        "last_log": row.get("last_log"),
+        "foreign_tenant": row.get("foreign_tenant", 0),
+        "last_dead_letter": row.get("last_dead_letter"),
+        "latest": row.get("latest") or {},
+        "note": row.get("note"),
+        "verdict": says,
+    }
+
+
+def maps_in_use(report: dict[str, Any], on_disk: list[dict[str, Any]], problems: list[str]) -> dict[str, Any]:
+    """Which device list `status` shows: the maps on disk when they load, else (a map broken)
+    the list the running daemon recorded, so a broken file hides no device."""
+    in_use = report.get("devices_in_use")
+    if problems and in_use is not None:
+        return {"from": "daemon", "devices": in_use, "problems": problems}
+    return {"from": "disk", "devices": on_disk, "problems": problems}
+
+
+def find_device(query: str, table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The device a `status DEVICE` argument names: sensor_id, dev_eui or osm_id (any case,
+    with or without separators or a "dev_eui:" prefix)."""
+    ident = query.split(":", 1)[1] if query.startswith(("dev_eui:", "osm_id:")) else query
+    bare = re.sub(r"[-: ]", "", ident).lower()
+    for entry in table:
+        if entry["sensor_id"] == query or entry["id"].lower() == bare:
+            return entry
+    return None
+
+
+def suggest(query: str, table: list[dict[str, Any]]) -> list[str]:
+    """Known sensor ids and device ids one or two edits from an unknown `query`."""
+    names = {e["sensor_id"] for e in table if e["sensor_id"]} | {e["id"] for e in table}
+    bare = re.sub(r"[-: ]", "", query).lower()
+    near = sorted(n for n in names if min(edit_distance(query.lower(), n.lower()), edit_distance(bare, n.lower())) <= 2)
+    return near or close_names(query, names)
+
+
+def format_devices(table: list[dict[str, Any]], now: int) -> list[str]:
+    """The devices section of `status`: one line each, the verdict last."""
+    if not table:
+        return []
+    row = "  {:<24} {:<18} {:>10} {:>8} {:>8} {:>5}  {}"
+    lines = ["devices:", row.format("sensor_id", "id", "last seen", "uplinks", "readings", "dead", "verdict")]
+    for e in table:
+        seen = _age(e["last_seen_ms"], now) if e["last_seen_ms"] else "never"
+        label = e["sensor_id"] if e["mapped"] else "(unmapped)"
+        lines.append(row.format(label, e["id"], seen, e["uplinks"], e["readings"], e["dead_letters"], e["verdict"]))
+        if e.get("note"):
+            lines.append(f"    note: {e['note']}")
+    return lines
+
+
+def format_cloud(cloud: dict[str, Any] | None, now: int) -> str:
+    """The cloud link line: connected or not, since when, the last error and its reason code."""
+    if not cloud:
+        return "cloud link:    unknown (no daemon has recorded it)"
+    state = "connected" if cloud["connected"] else "DISCONNECTED"
+    line = f"cloud link:    {state} since {_clock(cloud['since_ms'])} ({_span((now - cloud['since_ms']) / 1000)})"
+    error = cloud.get("last_error")
+    if error:
+        code = error.get("reason_code")
+        coded = f"reason code 0x{code:02x} " if code is not None else ""
+        line += f"; last error {_age(error.get('at_ms'), now)}: {coded}{error['reason']}"
+    return line
+
+
+def format_device(e: dict[str, Any], report: dict[str, Any]) -> str:
+    """`status DEVICE`: a diagnosis in a few lines."""
+    now = now_ms()
+    name = f"{e['sensor_id'] or '(no sensor_id)'} ({e['kind']} {e['id']})"
+    where = f"mapped at {e['where']}, codec {e['codec']}" if e["mapped"] else "in no device map"
+    lines = [f"{name}: {where}"]
+    if e["last_seen_ms"]:
+        usual = f", usually every {_span(e['interval_ms'] / 1000)}" if e["interval_ms"] else ""
+        lines.append(f"  last seen:    {_age(e['last_seen_ms'], now)} ({_clock(e['last_seen_ms'])}){usual}")
+    else:
+        started = (report.get("daemon") or {}).get("started_ms")
+        lines.append("  last seen:    never" + (f" since {_clock(started)}" if started else ""))
+    for metric, (value, unit, t_ms) in sorted(e["latest"].items()):
+        lines.append(f"  {metric:<14}{value}{' ' + unit if unit else ''}  at {_clock(t_ms)}")
+    lines.append(
+        f"  counts:       {e['uplinks']} uplinks, {e['readings']} readings, {e['dead_letters']} dead letters, "
+        f"{e['log_events']} log events, {e['foreign_tenant']} from another tenant"
+    )
+    if e["last_dead_letter"]:
+        lines.append(f"  last dead letter: {e['last_dead_letter']}")
+    if e["last_log"]:
+        lines.append(f"  last log event:   {e['last_log']}")
+    if e.get("note"):
+        lines.append(f"  note:         {e['note']}")
+    lines.append(f"  verdict:      {e['verdict']}")
+    return "\n".join(lines)

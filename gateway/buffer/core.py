@@ -124,6 +124,13 @@ class Core:
         self._gap = Gap()  # drops no message reports yet (a take that does holds its own)
         self._gap_dirty = False
         self._last_publish_ms: int | None = None
+        #: Facts of the running daemon for `status` (`note_state`), and what the file has of them.
+        self._notes: dict[str, str] = {}
+        self._notes_written: dict[str, str] = {}
+        #: Bytes of chunks stored since open (intake's rate, for the runway).
+        self.stored_bytes_total = 0
+        #: Every `count` since open, never reset (the persistent ones are written and reset).
+        self.counted: dict[str, int] = {}
         self._pending: list[int] = []  # confirmed chunks, deleted with the next commit
         self._unrecorded: list[Take] = []  # takes to record with the next commit
         self._unrecord: list[int] = []  # seqs of recorded takes to forget with the next commit
@@ -257,6 +264,7 @@ class Core:
         """Add to a persistent counter (written with the next commit or heartbeat)."""
         with self._lock:
             self._counters[name] = self._counters.get(name, 0) + n
+            self.counted[name] = self.counted.get(name, 0) + n
 
     def _write(self, work: Callable[[sqlite3.Connection], Any], drain: bool) -> Any:
         """Run `work` in one write transaction; on failure the in-memory state the transaction
@@ -522,6 +530,7 @@ class Core:
         t["raw"] += raw
         t["bytes"] += size
         t["upto"] = max(t["upto"], chunk_id)
+        self.stored_bytes_total += size
         return chunk_id
     def _delete_confirmed(self, db: sqlite3.Connection) -> None:
         """Delete fully confirmed chunks, keeping their keys in `seen` (part of a transaction)."""

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.model import DeviceKey
+from gateway.model import DeviceKey, Value
 
 #: A commit group is cut into chunks of at most this many payload bytes (uncompressed), so a
 #: catch-up burst of thousands of uplinks is several rows a take can read one at a time.
@@ -39,6 +39,9 @@ class Record:
     received_ms: int
     readings: int
     payload: bytes
+    #: The newest reading of each metric in the uplink, (metric, value, unit, t_ms): the device's
+    #: latest values for `status`, kept beside the counters and written with the heartbeat only.
+    latest: tuple[tuple[str, Value, str | None, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,11 @@ CREATE TABLE IF NOT EXISTS devices (     -- per-device counters for status
     log_events    INTEGER NOT NULL DEFAULT 0,
     last_log      TEXT,
     foreign_tenant INTEGER NOT NULL DEFAULT 0,
-    note          TEXT
+    note          TEXT,
+    latest        TEXT,                  -- JSON {metric: [value, unit, t_ms]}, bounded (side.LATEST_METRICS_KEPT)
+    interval_ms   INTEGER,               -- the usual time between its uplinks (smoothed)
+    last_dead_letter TEXT,               -- reason of its newest dead letter
+    last_outcome  TEXT                   -- what its newest uplink became: readings, dead letter, unmapped, other tenant
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -84,7 +88,14 @@ CREATE TABLE IF NOT EXISTS state (       -- small facts: totals, next seq, pendi
 ) WITHOUT ROWID;
 """
 #: Columns added after the first release: (table, column, type), added at open when missing.
-ADDED_COLUMNS = (("dead_letters", "uplink", "TEXT"), ("devices", "note", "TEXT"))
+ADDED_COLUMNS = (
+    ("dead_letters", "uplink", "TEXT"),
+    ("devices", "note", "TEXT"),
+    ("devices", "latest", "TEXT"),
+    ("devices", "interval_ms", "INTEGER"),
+    ("devices", "last_dead_letter", "TEXT"),
+    ("devices", "last_outcome", "TEXT"),
+)
 #: What the file holds, as saved in the `totals` state row up to chunk `upto` (later chunks
 #: are added at open: appends never rewrite the row).
 TOTAL_KEYS = ("chunks", "records", "readings", "raw", "bytes", "dead_letter_bytes", "unmapped_bytes", "upto")

@@ -22,6 +22,11 @@ SIDE_STORE_SHARE = 10
 UNMAPPED_DEVICES_KEPT = 1_000  # rows of never-mapped devices in the `devices` table
 #: What a dead letter weighs in max_size: its payload and, when kept, the whole uplink.
 DEAD_LETTER_SIZE = "length(payload) + coalesce(length(uplink), 0)"
+#: Latest values kept per device (the newest metrics win), and the characters of a text value.
+LATEST_METRICS_KEPT = 32
+LATEST_TEXT_MAX = 64
+#: Devices whose last uplink and interval are held in memory (for intervals and metrics).
+HEARD_KEPT = 5_000
 
 
 def uplink_json(uplink: Uplink) -> str:
@@ -142,10 +147,13 @@ def page_refused(db: sqlite3.Connection, device: DeviceKey, after_id: int, max_r
 
 
 class DeviceCounts:
-    """Per-device counters gathered since the last heartbeat, written by `flush`."""
+    """Per-device counters gathered since the last heartbeat, written by `flush`; and, held
+    across heartbeats, when each device was last heard and its usual interval."""
 
     def __init__(self) -> None:
         self.pending: dict[str, dict[str, Any]] = {}
+        #: device -> [sensor_id, last seen (receive ms), last data time (ms), interval ms or None]
+        self.heard: dict[str, list[Any]] = {}
 
     def of(self, device: str, sensor_id: str | None, at: int = 0) -> dict[str, Any]:
         d = self.pending.setdefault(
@@ -154,22 +162,70 @@ class DeviceCounts:
         )
         d["last"] = max(d["last"], at)
         d["sensor_id"] = sensor_id or d["sensor_id"]
+        if at:
+            seen = self.heard.pop(device, None) or [sensor_id, 0, 0, None]
+            seen[0] = sensor_id or seen[0]
+            seen[1] = max(seen[1], at)
+            self.heard[device] = seen  # most recently heard last: the oldest go first
+            if len(self.heard) > HEARD_KEPT:
+                del self.heard[next(iter(self.heard))]
         return d
+
+    def outcome(self, d: dict[str, Any], what: str, dead_letter: str | None = None) -> None:
+        """What the device's newest uplink became (and, for a dead letter, why)."""
+        d["outcome"] = what
+        if dead_letter is not None:
+            d["lastdl"] = dead_letter[:300]
+
+    def readings(self, device: str, d: dict[str, Any], latest: Sequence[tuple[str, Any, str | None, int]]) -> None:
+        """Keep the newest value of each metric, and learn the interval from the data's own
+        times (not receive times: a backlog redelivered after a restart arrives all at once)."""
+        if not latest:
+            return
+        values = d.setdefault("latest", {})
+        for metric, value, unit, t_ms in latest:
+            if isinstance(value, str):
+                value = value[:LATEST_TEXT_MAX]
+            if metric not in values or t_ms >= values[metric][2]:
+                values[metric] = [value, unit, t_ms]
+        if len(values) > LATEST_METRICS_KEPT:
+            d["latest"] = _newest(values)
+        seen = self.heard.get(device)
+        data_ms = max(t for *_, t in latest)
+        if seen is None:
+            return
+        gap = data_ms - seen[2]
+        if seen[2] and gap > 0:
+            seen[3] = gap if seen[3] is None else round(0.75 * seen[3] + 0.25 * gap)
+            d["iv"] = seen[3]
+        seen[2] = max(seen[2], data_ms)
 
     def flush(self, db: sqlite3.Connection) -> None:
         """Write the counters gathered (part of a transaction); a crash loses at most one
         heartbeat's worth of counts, never a reading."""
         for key, d in self.pending.items():
+            latest = None
+            if d.get("latest"):
+                row = db.execute("SELECT latest FROM devices WHERE device = ?", (key,)).fetchone()
+                merged = json.loads(row[0]) if row is not None and row[0] else {}
+                for metric, v in d["latest"].items():
+                    if metric not in merged or v[2] >= merged[metric][2]:
+                        merged[metric] = v
+                latest = json.dumps(_newest(merged))
             db.execute(
                 "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
-                " log_events, last_log, foreign_tenant, note) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " log_events, last_log, foreign_tenant, note, latest, interval_ms, last_dead_letter, last_outcome)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(device) DO UPDATE SET sensor_id=coalesce(excluded.sensor_id, sensor_id),"
                 " last_seen_ms=max(coalesce(last_seen_ms,0), excluded.last_seen_ms),"
                 " uplinks=uplinks+excluded.uplinks, readings=readings+excluded.readings,"
                 " dead_letters=dead_letters+excluded.dead_letters, log_events=log_events+excluded.log_events,"
                 " last_log=coalesce(excluded.last_log, last_log),"
                 " foreign_tenant=foreign_tenant+excluded.foreign_tenant,"
-                " note=CASE WHEN excluded.note = '' THEN NULL ELSE coalesce(excluded.note, note) END",
+                " note=CASE WHEN excluded.note = '' THEN NULL ELSE coalesce(excluded.note, note) END,"
+                " latest=coalesce(excluded.latest, latest), interval_ms=coalesce(excluded.interval_ms, interval_ms),"
+                " last_dead_letter=coalesce(excluded.last_dead_letter, last_dead_letter),"
+                " last_outcome=coalesce(excluded.last_outcome, last_outcome)",
                 (
                     key,
                     d["sensor_id"],
@@ -181,6 +237,10 @@ class DeviceCounts:
                     d["lastlog"],
                     d["ft"],
                     d.get("note"),
+                    latest,
+                    d.get("iv"),
+                    d.get("lastdl"),
+                    d.get("outcome"),
                 ),
             )
         if self.pending:
@@ -192,6 +252,12 @@ class DeviceCounts:
                 (UNMAPPED_DEVICES_KEPT,),
             )
         self.pending = {}
+
+
+def _newest(values: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """At most LATEST_METRICS_KEPT metrics, the most recent ones, in name order."""
+    kept = sorted(values.items(), key=lambda item: item[1][2], reverse=True)[:LATEST_METRICS_KEPT]
+    return dict(sorted(kept))
 
 
 def forget_rows(db: sqlite3.Connection, table: str, ids: Sequence[int]) -> list[tuple[Any, ...]]:

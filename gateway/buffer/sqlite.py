@@ -21,6 +21,7 @@ loses what was acknowledged upstream.
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -85,6 +86,8 @@ class Buffer(Bounds):
                     d = devices.of(str(o.device), o.sensor_id, o.received_ms)
                     d["up"] += 1
                     d["rd"] += o.readings
+                    devices.outcome(d, "readings")
+                    devices.readings(str(o.device), d, o.latest)
                     if o.readings:
                         kept.append(Stored(o.received_ms, o.readings, o.payload))
                         kept_raw += len(o.payload)
@@ -100,18 +103,25 @@ class Buffer(Bounds):
                     new_keys.add(key)
                     letters.append(o)
                     if o.device is not None:
-                        devices.of(str(o.device), o.sensor_id, o.received_ms)["dl"] += 1
+                        d = devices.of(str(o.device), o.sensor_id, o.received_ms)
+                        d["dl"] += 1
+                        devices.outcome(d, "dead letter", o.reason)
                 elif isinstance(o, Unmapped):
                     unmapped.append(o)
-                    devices.of(str(o.uplink.device), None, o.uplink.received_ms)["up"] += 1
+                    d = devices.of(str(o.uplink.device), None, o.uplink.received_ms)
+                    d["up"] += 1
+                    devices.outcome(d, "unmapped")
                 elif isinstance(o, ForeignTenant):
                     result.foreign += 1
-                    devices.of(str(o.uplink.device), o.sensor_id, o.uplink.received_ms)["ft"] += 1
+                    d = devices.of(str(o.uplink.device), o.sensor_id, o.uplink.received_ms)
+                    d["ft"] += 1
+                    devices.outcome(d, "other tenant")
                 elif isinstance(o, DeviceLog):
                     result.logs += 1
                     d = devices.of(str(o.device), None, o.received_ms)
                     d["log"] += 1
                     d["lastlog"] = f"{o.level} {o.code}: {o.description}"[:300]
+                    devices.outcome(d, "log")
             result.dead_letters, result.unmapped = len(letters), len(unmapped)
             chunks = rec.cut(kept)
 
@@ -177,17 +187,50 @@ class Buffer(Bounds):
             return True
 
     def heartbeat(self, pid: int | None = None) -> None:
-        """Record that the daemon is alive, with the device counters and totals (for `status`)."""
+        """Record that the daemon is alive, with the device counters and totals (for `status`),
+        and what the daemon noted (`note_state`) that changed since the last heartbeat."""
         with self._lock:
+            changed = {k: v for k, v in self._notes.items() if self._notes_written.get(k) != v}
 
             def work(db: sqlite3.Connection) -> None:
                 self._set_state("heartbeat_ms", str(self._clock()))
                 self._set_state("pid", str(pid if pid is not None else os.getpid()))
+                for key, text in changed.items():
+                    self._set_state(f"daemon.{key}", text)
                 self._devices.flush(db)
                 self._prune_seen(db)
                 self._save_state()
 
             self._write(work, drain=True)
+            self._notes_written.update(changed)
+
+    def note_state(self, key: str, value: Any) -> None:
+        """Hold a fact of the running daemon for `status` (the cloud link, the devices it runs
+        with, when it started): JSON, written with the next heartbeat and only when it changed."""
+        with self._lock:
+            self._notes[key] = json.dumps(value, sort_keys=True)
+
+    def last_seen(self) -> dict[str, tuple[str | None, int]]:
+        """Devices heard since the start (the latest HEARD_KEPT): device -> (sensor_id, last seen ms)."""
+        with self._lock:
+            return {device: (seen[0], seen[1]) for device, seen in self._devices.heard.items()}
+
+    def oldest_unsent_ms(self) -> int | None:
+        """Receive time of the oldest reading not yet confirmed by the cloud (a read, no write)."""
+        with self._lock:
+            row = self._db.execute("SELECT first_ms FROM chunks ORDER BY id LIMIT 1").fetchone()
+            return None if row is None else int(row[0])
+
+    @property
+    def last_publish_ms(self) -> int | None:
+        """When the cloud last confirmed a batch, since this buffer was opened."""
+        return self._last_publish_ms
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """What `max_size` bounds: chunks, dead letters and unmapped uplinks."""
+        with self._lock:
+            return self._total_bytes()
 
     def _prune_seen(self, db: sqlite3.Connection) -> None:
         cutoff = self._clock() - core.SEEN_KEPT_MS

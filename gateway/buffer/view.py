@@ -2,7 +2,8 @@
 
 Everything that reports on the buffer reads it through `read`, never its tables, so the
 storage may change without them. The daemon's heartbeat (every minute) writes the device
-counters and totals that this reads; readings are counted from the file itself.
+counters and totals that this reads, and what the daemon noted (`Buffer.note_state`: the cloud link,
+the devices it runs with, its start); readings are counted from the file itself.
 """
 
 from __future__ import annotations
@@ -68,8 +69,14 @@ def read(path: Path, dead_letters: int = 5) -> dict[str, Any]:
             "last_log",
             "foreign_tenant",
             "note",
+            "latest",
+            "interval_ms",
+            "last_dead_letter",
+            "last_outcome",
         )
         devices = list(Database(db).query(f"SELECT {', '.join(columns)} FROM devices ORDER BY device"))
+        for dev in devices:
+            dev["latest"] = json.loads(dev["latest"]) if dev["latest"] else {}
         unmapped = db.execute("SELECT count(*) FROM unmapped").fetchone()[0]
         kept_letters = db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
     finally:
@@ -80,10 +87,20 @@ def read(path: Path, dead_letters: int = 5) -> dict[str, Any]:
     pid = int(state["pid"]) if "pid" in state else None
     running = heartbeat is not None and now - heartbeat < HEARTBEAT_STALE_MS and pid is not None and _pid_alive(pid)
     last_publish = int(state["last_publish_ms"]) if "last_publish_ms" in state else None
+    notes = {k.removeprefix("daemon."): json.loads(v) for k, v in state.items() if k.startswith("daemon.")}
     return {
         "buffer": str(path),
         "exists": True,
-        "daemon": {"running": running, "pid": pid if running else None, "heartbeat_ms": heartbeat},
+        "daemon": {
+            "running": running,
+            "pid": pid if running else None,
+            "heartbeat_ms": heartbeat,
+            "started_ms": notes.get("started_ms"),
+        },
+        #: The cloud link as the daemon last wrote it: connected, since_ms, last_error.
+        "cloud": notes.get("cloud"),
+        #: The devices the daemon runs with (its maps as loaded or last reloaded), with FILE:LINE:COL.
+        "devices_in_use": notes.get("devices"),
         "backlog": {
             "readings": totals["readings"],
             "bytes": totals["raw"],

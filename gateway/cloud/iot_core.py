@@ -28,6 +28,7 @@ import structlog
 from awscrt import mqtt5
 from awsiot import mqtt5_client_builder
 
+from gateway.buffer import now_ms
 from gateway.cloud import SUCCESS_CODES, Done, PublishResult
 from gateway.config.settings import IotCoreCloud
 from gateway.model import Batch
@@ -59,6 +60,9 @@ class IotCorePublisher:
         self._stopped = threading.Event()
         self.epoch = 0
         self.last_error: str | None = None
+        #: The MQTT reason code of that error (CONNACK or DISCONNECT), and when it came.
+        self.last_error_code: int | None = None
+        self.last_error_ms: int | None = None
         #: Maximum Packet Size from the broker's CONNACK (MQTT's own maximum when it sets none).
         self.max_packet_size: int | None = None
         self._client = mqtt5_client_builder.mtls_from_path(
@@ -174,7 +178,6 @@ class IotCorePublisher:
         settings = getattr(data, "negotiated_settings", None)
         self.max_packet_size = getattr(settings, "maximum_packet_size_to_server", None)
         self.epoch += 1
-        self.last_error = None
         self._connected.set()
         log.info(
             "connected to cloud", endpoint=self._settings.endpoint, port=self._settings.port, client_id=self._client_id
@@ -184,13 +187,20 @@ class IotCorePublisher:
         reason = describe_lifecycle(data)
         if reason != self.last_error:
             log.warning("cannot connect to cloud", endpoint=self._settings.endpoint, reason=reason)
-        self.last_error = reason
+        self._note_error(reason, data)
 
     def _on_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
         self._connected.clear()
         reason = describe_lifecycle(data)
-        self.last_error = reason
+        self._note_error(reason, data)
         log.warning("disconnected from cloud", reason=reason)
+
+    def _note_error(self, reason: str, data: Any) -> None:
+        packet = getattr(data, "connack_packet", None) or getattr(data, "disconnect_packet", None)
+        code = getattr(packet, "reason_code", None) if packet is not None else None
+        self.last_error = reason
+        self.last_error_code = None if code is None else int(code)
+        self.last_error_ms = now_ms()
 
     def _on_stopped(self, data: mqtt5.LifecycleStoppedData) -> None:
         self._connected.clear()

@@ -46,6 +46,7 @@ __all__ = [
     "load_config",
     "load_device_maps",
     "load_settings",
+    "read_device_maps",
 ]
 
 
@@ -380,3 +381,13 @@ def _raw_device_globs(path: Path) -> list[str]:
 def device_map_files(config: Config) -> list[Path]:
     """The device-map files gateway.yaml names, as they are on disk now (for reloads)."""
     return _map_files(config.settings.devices, config.path.parent)[0]
+
+
+def read_device_maps(config: Path | str, settings: Settings) -> tuple[DeviceMap, list[Problem]]:
+    """The device maps gateway.yaml names as they are on disk: every entry that validates, and
+    the problems (never raises: `status` shows what it can while a map is broken)."""
+    path = Path(config)
+    files, unmatched = _map_files(settings.devices, path.parent)
+    devices, problems = _read_device_maps(files)
+    problems += [Problem(str(path), 1, 1, f"devices: {p!r} matches no file") for p in unmatched]
+    return devices, problems

@@ -240,6 +240,37 @@ class LogSettings(Strict):
     )
 
 
+class MetricsSettings(Strict):
+    """Prometheus metrics in the text exposition format, at http://<listen>/metrics."""
+
+    listen: str = Field(
+        description="host:port to serve on, e.g. 127.0.0.1:9464 ([::1]:9464 for IPv6). A non-loopback "
+        "address exposes the metrics to the network: the daemon logs a warning when it is used.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(
+                f"listen must be host:port with a port 0-65535 (0: any free port, logged), e.g. "
+                f"127.0.0.1:9464 (not {value!r})"
+            )
+        return value
+
+    @property
+    def host(self) -> str:
+        """The address to bind, without IPv6 brackets."""
+        return self.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+
+    @property
+    def port(self) -> int:
+        """The TCP port."""
+        return int(self.listen.rpartition(":")[2])
+
+
 class Settings(Strict):
     """gateway.yaml: everything but the device maps, which it names."""
 
@@ -250,6 +281,9 @@ class Settings(Strict):
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching.")
     devices: list[str] = Field(default=["devices/*.yaml"], description="Device-map files: globs relative to this file.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    metrics: MetricsSettings | None = Field(
+        default=None, description="Prometheus metrics endpoint; absent = off."
+    )
     provisioning: Provisioning | None = Field(
         default=None, description="Fleet provisioning by claim, for `hub-gateway enroll`; absent = options only."
     )
