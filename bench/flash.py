@@ -195,7 +195,7 @@ def breakdown(where: Path, seconds: int) -> None:
         elif second % 5 == 0 and second:  # its PUBACK: confirmed, deleted with the next commit
             measured("take and confirm", lambda out=formed: [batch.take.confirm() for batch in out])
         if second % 10 == 9:
-            measured("heartbeat", buffer.heartbeat)
+            measured("heartbeat", lambda s=second: buffer.heartbeat(details=s % 60 == 59))  # details once a minute
         if wal_frames(where / "buffer.db-shm") >= 1000:  # SQLite's wal_autocheckpoint, run apart
             measured("checkpoint", lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
     buffer.close()

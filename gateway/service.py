@@ -50,6 +50,9 @@ STATUS_EVERY_S = 10.0
 #: The buffer's heartbeat (device counters and totals for `status`) is a write to flash: once a
 #: minute, not with every status line.
 HEARTBEAT_EVERY_S = 10.0
+#: Devices' latest values, intervals and last outcomes (the bulk of their rows) are written with
+#: one heartbeat a minute (and at stop): every 10 s they cost about 80 bytes a reading of flash.
+DETAILS_EVERY_S = 60.0
 SOURCES_READY_TIMEOUT_S = 10.0
 #: A worker thread died of an exception nothing expected: systemd restarts the daemon.
 EXIT_WORKER_DIED = 1
@@ -274,7 +277,7 @@ class Service:
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
         if not self.buffer.checked_at_open:
             threading.Thread(target=self._check_integrity, name="integrity-check", daemon=True).start()
-        next_bounds = next_status = next_watchdog = next_heartbeat = time.monotonic()
+        next_bounds = next_status = next_watchdog = next_heartbeat = next_details = time.monotonic()
         wall_minus_mono = time.time() - time.monotonic()
         while not self._stop.is_set():
             self._wake.wait(0.25)
@@ -313,7 +316,10 @@ class Service:
                 if now >= next_heartbeat or (self._disk_trouble is not None and now + STATUS_EVERY_S >= next_status):
                     next_heartbeat = now + HEARTBEAT_EVERY_S
                     self._note_cloud()
-                    self.buffer.heartbeat()
+                    details = now >= next_details
+                    if details:
+                        next_details = now + DETAILS_EVERY_S
+                    self.buffer.heartbeat(details=details)
                     if self._disk_trouble is not None:
                         log.info("buffer writable again", after=self._disk_trouble)
                         self._disk_trouble = None

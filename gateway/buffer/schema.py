@@ -72,7 +72,10 @@ CREATE TABLE IF NOT EXISTS devices (     -- per-device counters for status
     log_events    INTEGER NOT NULL DEFAULT 0,
     last_log      TEXT,
     foreign_tenant INTEGER NOT NULL DEFAULT 0,
-    note          TEXT,
+    note          TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_details (  -- written once a minute: apart, so counters rows stay small
+    device        TEXT PRIMARY KEY,
     latest        TEXT,                  -- JSON {metric: [value, unit, t_ms]}, bounded (side.LATEST_METRICS_KEPT)
     interval_ms   INTEGER,               -- the usual time between its uplinks (smoothed)
     last_dead_letter TEXT,               -- reason of its newest dead letter
@@ -91,10 +94,6 @@ CREATE TABLE IF NOT EXISTS state (       -- small facts: totals, next seq, pendi
 ADDED_COLUMNS = (
     ("dead_letters", "uplink", "TEXT"),
     ("devices", "note", "TEXT"),
-    ("devices", "latest", "TEXT"),
-    ("devices", "interval_ms", "INTEGER"),
-    ("devices", "last_dead_letter", "TEXT"),
-    ("devices", "last_outcome", "TEXT"),
 )
 #: What the file holds, as saved in the `totals` state row up to chunk `upto` (later chunks
 #: are added at open: appends never rewrite the row).

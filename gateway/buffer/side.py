@@ -152,6 +152,8 @@ class DeviceCounts:
 
     def __init__(self) -> None:
         self.pending: dict[str, dict[str, Any]] = {}
+        #: Details gathered since the last flush with details (see `flush`).
+        self.held: dict[str, dict[str, Any]] = {}
         #: device -> [sensor_id, last seen (receive ms), last data time (ms), interval ms or None]
         self.heard: dict[str, list[Any]] = {}
 
@@ -200,48 +202,61 @@ class DeviceCounts:
             d["iv"] = seen[3]
         seen[2] = max(seen[2], data_ms)
 
-    def flush(self, db: sqlite3.Connection) -> None:
+    def flush(self, db: sqlite3.Connection, details: bool = True) -> None:
         """Write the counters gathered (part of a transaction); a crash loses at most one
-        heartbeat's worth of counts, never a reading."""
+        heartbeat's worth of counts, never a reading. The details (latest values, interval,
+        last outcome and dead letter) are the bulk of a device's row: without `details` they are
+        kept for a later flush, so a frequent heartbeat does not rewrite them each time."""
         for key, d in self.pending.items():
-            latest = None
+            held = self.held.setdefault(key, {})
             if d.get("latest"):
-                row = db.execute("SELECT latest FROM devices WHERE device = ?", (key,)).fetchone()
-                merged = json.loads(row[0]) if row is not None and row[0] else {}
-                for metric, v in d["latest"].items():
+                merged = held.setdefault("latest", {})
+                for metric, v in d.pop("latest").items():
                     if metric not in merged or v[2] >= merged[metric][2]:
                         merged[metric] = v
-                latest = json.dumps(_newest(merged))
+            for field in ("iv", "outcome", "lastdl"):
+                if field in d:
+                    held[field] = d.pop(field)
+        if details:
+            for key, held in self.held.items():
+                d = self.pending.setdefault(
+                    key,
+                    {"sensor_id": None, "last": 0, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
+                )
+                d.update(held)
+            self.held = {}
+        for key, d in self.pending.items():
             db.execute(
                 "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
-                " log_events, last_log, foreign_tenant, note, latest, interval_ms, last_dead_letter, last_outcome)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " log_events, last_log, foreign_tenant, note) VALUES (?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(device) DO UPDATE SET sensor_id=coalesce(excluded.sensor_id, sensor_id),"
                 " last_seen_ms=max(coalesce(last_seen_ms,0), excluded.last_seen_ms),"
                 " uplinks=uplinks+excluded.uplinks, readings=readings+excluded.readings,"
                 " dead_letters=dead_letters+excluded.dead_letters, log_events=log_events+excluded.log_events,"
                 " last_log=coalesce(excluded.last_log, last_log),"
                 " foreign_tenant=foreign_tenant+excluded.foreign_tenant,"
-                " note=CASE WHEN excluded.note = '' THEN NULL ELSE coalesce(excluded.note, note) END,"
+                " note=CASE WHEN excluded.note = '' THEN NULL ELSE coalesce(excluded.note, note) END",
+                (*(key, d["sensor_id"], d["last"], d["up"], d["rd"], d["dl"]), d["log"], d["lastlog"], d["ft"], d.get("note")),
+            )
+            if not any(field in d for field in ("latest", "iv", "lastdl", "outcome")):
+                continue
+            # The details live in their own table: a counters row stays small, so the frequent
+            # heartbeat rewrites few pages.
+            latest = None
+            if d.get("latest"):
+                row = db.execute("SELECT latest FROM device_details WHERE device = ?", (key,)).fetchone()
+                merged = json.loads(row[0]) if row is not None and row[0] else {}
+                for metric, v in d["latest"].items():
+                    if metric not in merged or v[2] >= merged[metric][2]:
+                        merged[metric] = v
+                latest = json.dumps(_newest(merged))
+            db.execute(
+                "INSERT INTO device_details (device, latest, interval_ms, last_dead_letter, last_outcome)"
+                " VALUES (?,?,?,?,?) ON CONFLICT(device) DO UPDATE SET"
                 " latest=coalesce(excluded.latest, latest), interval_ms=coalesce(excluded.interval_ms, interval_ms),"
                 " last_dead_letter=coalesce(excluded.last_dead_letter, last_dead_letter),"
                 " last_outcome=coalesce(excluded.last_outcome, last_outcome)",
-                (
-                    key,
-                    d["sensor_id"],
-                    d["last"],
-                    d["up"],
-                    d["rd"],
-                    d["dl"],
-                    d["log"],
-                    d["lastlog"],
-                    d["ft"],
-                    d.get("note"),
-                    latest,
-                    d.get("iv"),
-                    d.get("lastdl"),
-                    d.get("outcome"),
-                ),
+                (key, latest, d.get("iv"), d.get("lastdl"), d.get("outcome")),
             )
         if self.pending:
             # Devices no map names (a neighbour's sensors, a typo'd dev_eui) come and go: keep
@@ -251,6 +266,7 @@ class DeviceCounts:
                 " WHERE sensor_id IS NULL ORDER BY last_seen_ms DESC LIMIT ?)",
                 (UNMAPPED_DEVICES_KEPT,),
             )
+            db.execute("DELETE FROM device_details WHERE device NOT IN (SELECT device FROM devices)")
         self.pending = {}
 
 

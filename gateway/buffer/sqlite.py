@@ -186,7 +186,7 @@ class Buffer(Bounds):
             self._write(lambda db: None, drain=True)
             return True
 
-    def heartbeat(self, pid: int | None = None) -> None:
+    def heartbeat(self, pid: int | None = None, details: bool = True) -> None:
         """Record that the daemon is alive, with the device counters and totals (for `status`),
         and what the daemon noted (`note_state`) that changed since the last heartbeat."""
         with self._lock:
@@ -197,7 +197,7 @@ class Buffer(Bounds):
                 self._set_state("pid", str(pid if pid is not None else os.getpid()))
                 for key, text in changed.items():
                     self._set_state(f"daemon.{key}", text)
-                self._devices.flush(db)
+                self._devices.flush(db, details)
                 self._prune_seen(db)
                 self._save_state()
 

@@ -74,7 +74,11 @@ def read(path: Path, dead_letters: int = 5) -> dict[str, Any]:
             "last_dead_letter",
             "last_outcome",
         )
-        devices = list(Database(db).query(f"SELECT {', '.join(columns)} FROM devices ORDER BY device"))
+        devices = list(
+            Database(db).query(
+                f"SELECT {', '.join(columns)} FROM devices LEFT JOIN device_details USING (device) ORDER BY device"
+            )
+        )
         for dev in devices:
             dev["latest"] = json.loads(dev["latest"]) if dev["latest"] else {}
         unmapped = db.execute("SELECT count(*) FROM unmapped").fetchone()[0]
