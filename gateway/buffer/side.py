@@ -236,7 +236,18 @@ class DeviceCounts:
                 " last_log=coalesce(excluded.last_log, last_log),"
                 " foreign_tenant=foreign_tenant+excluded.foreign_tenant,"
                 " note=CASE WHEN excluded.note = '' THEN NULL ELSE coalesce(excluded.note, note) END",
-                (*(key, d["sensor_id"], d["last"], d["up"], d["rd"], d["dl"]), d["log"], d["lastlog"], d["ft"], d.get("note")),
+                (
+                    key,
+                    d["sensor_id"],
+                    d["last"],
+                    d["up"],
+                    d["rd"],
+                    d["dl"],
+                    d["log"],
+                    d["lastlog"],
+                    d["ft"],
+                    d.get("note"),
+                ),
             )
             if not any(field in d for field in ("latest", "iv", "lastdl", "outcome")):
                 continue
