@@ -49,9 +49,8 @@ BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
 #: The buffer's heartbeat (device counters and totals for `status`) is a write to flash: once a
 #: minute, not with every status line.
-HEARTBEAT_EVERY_S = 10.0
-#: Devices' latest values, intervals and last outcomes (the bulk of their rows) are written with
-#: one heartbeat a minute (and at stop): every 10 s they cost about 80 bytes a reading of flash.
+#: Devices' latest values, intervals and last outcomes are written at most this often (and at
+#: stop): with every heartbeat they cost several times the counters (docs/benchmarks.md).
 DETAILS_EVERY_S = 60.0
 SOURCES_READY_TIMEOUT_S = 10.0
 #: A worker thread died of an exception nothing expected: systemd restarts the daemon.
@@ -314,12 +313,12 @@ class Service:
                     self.notifier.notify(f"STATUS={self._status_line()}")
                 # While the buffer could not be written, try every status turn to learn it can again.
                 if now >= next_heartbeat or (self._disk_trouble is not None and now + STATUS_EVERY_S >= next_status):
-                    next_heartbeat = now + HEARTBEAT_EVERY_S
+                    next_heartbeat = now + self.settings.buffer.status_interval
                     self._note_cloud()
                     details = now >= next_details
                     if details:
-                        next_details = now + DETAILS_EVERY_S
-                    self.buffer.heartbeat(details=details)
+                        next_details = now + max(DETAILS_EVERY_S, self.settings.buffer.status_interval)
+                    self.buffer.heartbeat(details=details, every_s=self.settings.buffer.status_interval)
                     if self._disk_trouble is not None:
                         log.info("buffer writable again", after=self._disk_trouble)
                         self._disk_trouble = None

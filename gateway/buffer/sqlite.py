@@ -186,7 +186,7 @@ class Buffer(Bounds):
             self._write(lambda db: None, drain=True)
             return True
 
-    def heartbeat(self, pid: int | None = None, details: bool = True) -> None:
+    def heartbeat(self, pid: int | None = None, details: bool = True, every_s: float = 30.0) -> None:
         """Record that the daemon is alive, with the device counters and totals (for `status`),
         and what the daemon noted (`note_state`) that changed since the last heartbeat."""
         with self._lock:
@@ -195,6 +195,7 @@ class Buffer(Bounds):
             def work(db: sqlite3.Connection) -> None:
                 self._set_state("heartbeat_ms", str(self._clock()))
                 self._set_state("pid", str(pid if pid is not None else os.getpid()))
+                self._set_state("heartbeat_every_ms", str(int(every_s * 1000)))
                 for key, text in changed.items():
                     self._set_state(f"daemon.{key}", text)
                 self._devices.flush(db, details)

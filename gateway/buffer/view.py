@@ -19,7 +19,8 @@ from gateway.buffer.files import connect, now_ms
 from gateway.buffer.schema import file_totals
 
 #: A heartbeat older than this means the daemon that wrote it is not running.
-HEARTBEAT_STALE_MS = 60_000
+#: A daemon that missed this many heartbeats (its interval is in the file) is not running.
+HEARTBEATS_MISSED = 3
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,7 +90,8 @@ def read(path: Path, dead_letters: int = 5) -> dict[str, Any]:
     oldest_ms = None if oldest is None else int(oldest[0])
     heartbeat = int(state["heartbeat_ms"]) if "heartbeat_ms" in state else None
     pid = int(state["pid"]) if "pid" in state else None
-    running = heartbeat is not None and now - heartbeat < HEARTBEAT_STALE_MS and pid is not None and _pid_alive(pid)
+    stale_ms = HEARTBEATS_MISSED * int(state.get("heartbeat_every_ms", "30000")) + 5_000
+    running = heartbeat is not None and now - heartbeat < stale_ms and pid is not None and _pid_alive(pid)
     last_publish = int(state["last_publish_ms"]) if "last_publish_ms" in state else None
     notes = {k.removeprefix("daemon."): json.loads(v) for k, v in state.items() if k.startswith("daemon.")}
     return {

@@ -181,6 +181,13 @@ class BufferSettings(Strict):
         description="Intake gathers what arrives within this window into one durable commit (one "
         "fsync) before acknowledging it upstream: fewer writes to flash; 1ms commits each group at once.",
     )
+    status_interval: Duration = Field(
+        default=30.0,
+        ge=1.0,
+        le=300.0,
+        description="How often the running daemon writes its counters for `status` (devices' latest values "
+        "at most once a minute): shorter is fresher and writes more to flash (`watch` is live regardless).",
+    )
 
 
 class BatchSettings(Strict):

@@ -64,7 +64,7 @@ cloud:
   ca: {certs.ca_cert}
   cert: {client.cert}
   key: {client.key}
-buffer: {{path: {buffer_path or workdir / "buffer.db"}{", " + buffer_yaml if buffer_yaml else ""}}}
+buffer: {{path: {buffer_path or workdir / "buffer.db"}, status_interval: 2s{", " + buffer_yaml if buffer_yaml else ""}}}
 batch: {batch_yaml or f"{{max_delay: {max_delay}, max_bytes: 120KiB, compression: gzip}}"}
 log: {{level: debug, format: json}}
 {extra_yaml}"""
