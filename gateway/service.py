@@ -49,8 +49,9 @@ BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
 #: The buffer's heartbeat (device counters and totals for `status`) is a write to flash: once a
 #: minute, not with every status line.
-#: Devices' latest values, intervals and last outcomes are written at most this often (and at
-#: stop): with every heartbeat they cost several times the counters (docs/benchmarks.md).
+#: Devices' latest values, intervals and last outcomes are written with every other heartbeat,
+#: and at most this often (and at stop): with every heartbeat they cost several times the
+#: counters (docs/benchmarks.md).
 DETAILS_EVERY_S = 60.0
 SOURCES_READY_TIMEOUT_S = 10.0
 #: A worker thread died of an exception nothing expected: systemd restarts the daemon.
@@ -317,7 +318,7 @@ class Service:
                     self._note_cloud()
                     details = now >= next_details
                     if details:
-                        next_details = now + max(DETAILS_EVERY_S, self.settings.buffer.status_interval)
+                        next_details = now + min(DETAILS_EVERY_S, 2 * self.settings.buffer.status_interval)
                     self.buffer.heartbeat(details=details, every_s=self.settings.buffer.status_interval)
                     if self._disk_trouble is not None:
                         log.info("buffer writable again", after=self._disk_trouble)

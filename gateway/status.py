@@ -94,7 +94,8 @@ def format_status(report: dict[str, Any]) -> str:
         if key.startswith(("puback_refused", "publish_failed", "dropped", "foreign", "duplicate", "buffer_")):
             lines.append(f"  {key}: {value}")
     for letter in report["dead_letters"]["latest"]:
-        lines.append(f"  dead letter {_age(letter['received_ms'], now)} {letter['device']}: {letter['reason']}")
+        who = letter["device"] or "(device unknown)"
+        lines.append(f"  dead letter {_age(letter['received_ms'], now)} {who}: {letter['reason']}")
     lines.insert(4, format_cloud(report.get("cloud"), now))
     maps = report.get("maps") or {}
     for problem in maps.get("problems", []):
