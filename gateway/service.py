@@ -50,8 +50,8 @@ STATUS_EVERY_S = 10.0
 #: The buffer's heartbeat (device counters and totals for `status`) is a write to flash: once a
 #: minute, not with every status line.
 #: Devices' latest values, intervals and last outcomes are written with every other heartbeat,
-#: and at most this often (and at stop): with every heartbeat they cost several times the
-#: counters (docs/benchmarks.md).
+#: and at least this often (and at stop): with every heartbeat they would cost several times
+#: the counters (docs/benchmarks.md).
 DETAILS_EVERY_S = 60.0
 SOURCES_READY_TIMEOUT_S = 10.0
 #: A worker thread died of an exception nothing expected: systemd restarts the daemon.

@@ -186,7 +186,7 @@ class BufferSettings(Strict):
         ge=1.0,
         le=300.0,
         description="How often the running daemon writes its counters for `status` (devices' latest values "
-        "at most once a minute): shorter is fresher and writes more to flash (`watch` is live regardless).",
+        "with every other write): shorter is fresher and writes more to flash (`watch` is live regardless).",
     )
 
 
