@@ -121,6 +121,7 @@ def breakdown(where: Path, seconds: int) -> None:
 
     from gateway.batching import Batcher, Ids, to_record
     from gateway.buffer import Buffer
+    from gateway.buffer.files import AUTOCHECKPOINT_PAGES
     from gateway.model import DecodedUplink, DeviceKey, Reading
 
     rng = random.Random(1)
@@ -199,7 +200,7 @@ def breakdown(where: Path, seconds: int) -> None:
             measured("take and confirm", lambda out=formed: [batch.take.confirm() for batch in out])
         if second % 30 == 29:  # the default status_interval; devices' details once a minute
             measured("heartbeat", lambda s=second: buffer.heartbeat(details=s % 60 == 59))
-        if wal_frames(where / "buffer.db-shm") >= 1000:  # SQLite's wal_autocheckpoint, run apart
+        if wal_frames(where / "buffer.db-shm") >= AUTOCHECKPOINT_PAGES:  # the buffer's wal_autocheckpoint, run apart
             measured("checkpoint", lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
     buffer.close()
     total = sum(spent.values())
