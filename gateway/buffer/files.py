@@ -18,16 +18,17 @@ from pathlib import Path
 from gateway.errors import BufferBusyError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-WAL_ALLOWANCE = 6 * 1024**2  # disk kept for the WAL: autocheckpoint at 4000 pages (2.1 MB), plus a transaction
+WAL_ALLOWANCE = 6 * 1024**2  # disk kept for the WAL: autocheckpoint at 2000 pages (1 MiB), plus a transaction
 #: Small pages: every commit appends to the WAL the pages it changed (one leaf, page 1, a few
 #: overflow pages of one compressed chunk); with 512-byte pages that is about 4 KiB a commit,
 #: with SQLite's default 4096 about 12 KiB (measured, docs/benchmarks.md).
 PAGE_SIZE = 512
 #: WAL frames before SQLite copies them into the file (its default is 1000). A checkpoint writes
-#: each page changed since the last one once, however often it changed: at 4000 (2 MiB of
-#: 512-byte pages, about 4 minutes at the seed load) the pages every commit touches (page 1,
-#: the takes, the totals) are written home a quarter as often. The WAL's room is WAL_ALLOWANCE.
-AUTOCHECKPOINT_PAGES = 4000
+#: each page changed since the last one once, however often it changed: at 2000 (1 MiB of
+#: 512-byte pages, about 2 minutes at the seed load) the pages every commit touches (page 1,
+#: the takes, the totals) are written home half as often. With a 4 MiB group on top the WAL
+#: stays within WAL_ALLOWANCE (4000 measured better, 10 bytes a reading, but overran it).
+AUTOCHECKPOINT_PAGES = 2000
 QUICK_CHECK_AT_OPEN_MAX = 16 * 1024**2  # larger files are checked after READY (`integrity_problems`): 0.35 s here
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
