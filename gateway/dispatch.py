@@ -243,7 +243,8 @@ class Dispatcher:
                         break
                     self._queue(batch)
                     formed = True
-                if formed:
+                # Intake has stopped: no commit of its will record what is formed, new or not.
+                if formed or any(not life.batch.take.recorded for life in self._lives.values()):
                     self.buffer.settle(force=True)
                 now = self._clock()
                 for seq in self._waiting():

@@ -418,3 +418,17 @@ def test_successful_publishes_are_summarised_once_a_minute_at_info(buffer: Buffe
     assert [(e["log_level"], e["batches"], e["readings"]) for e in summaries] == [("info", 3, 6), ("info", 1, 2)]
     assert summaries[0]["bytes"] == sum(len(b.payload) for b in publisher.sent[:3]) and summaries[0]["seconds"] == 60
     assert len([e for e in logs if e["event"] == "batch published"]) == 4
+
+
+def test_the_flush_at_stop_records_and_sends_a_batch_formed_just_before(buffer: Buffer, batcher: Batcher) -> None:
+    """A live batch formed just before the stop and not yet recorded (intake has stopped: no
+    commit of its will record it) is recorded by the flush itself and sent (the demo's 6 s run
+    once ended with nothing sent)."""
+    publisher, clock = FakePublisher(), Clock()
+    d = dispatcher(batcher, publisher, clock)
+    d.publish_due()  # the connection starts
+    buffer.store([to_record(uplink(1))])
+    d.publish_due()
+    assert publisher.sent == []  # formed, waiting for a commit
+    d.flush(deadline=clock() + 4.5)
+    assert [source_of(b) for b in publisher.sent] == ["chirpstack/1"] and buffer.depth().total_readings == 0
