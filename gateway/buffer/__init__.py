@@ -17,7 +17,9 @@ The life of a reading: intake decodes an uplink and the batching stage (`gateway
 makes it a `Record` (its series text, opaque here). `store` commits a group of records as one
 compressed chunk and only then may intake acknowledge upstream. The record waits, live (stored
 since the cloud connected) or backlog, until `take` hands it out, oldest first, in a `Take`;
-the batching stage makes the take a message and the dispatcher publishes it. IoT Core's PUBACK
+the batching stage makes the take a message, the next commit records the take (`take.record()`:
+after a crash the same message goes again, same id and bytes), and only then does the
+dispatcher publish it. IoT Core's PUBACK
 confirms the take and the record leaves the buffer with its chunk's last confirmation. A bound
 (`max_age`, `max_size` under `drop-oldest`) may drop records not handed out; the drop is
 reported in the `meta.gap` of the next message.
@@ -26,8 +28,12 @@ The files, one job each:
 
 - `files.py`: the file: pragmas, one daemon per file (flock), damage found and moved aside;
 - `records.py`: what is stored, and a group as one compressed chunk;
-- `sqlite.py`: the buffer: store, take and the ends of a take, bounds, what rides on commits;
-- `side.py`: dead letters, unmapped uplinks and device counters beside the readings;
+- `schema.py`: the tables, and the totals the file holds;
+- `core.py`: the open file, the state the parts share, the one write path, what rides on commits;
+- `takes.py`: take, and the ends of a take;
+- `bounds.py`: max_age and max_size, and the gap a drop leaves;
+- `sqlite.py`: `Buffer`: store, settle, heartbeat, dead letters and unmapped uplinks, close;
+- `side.py`: dead letters, unmapped uplinks, device counters and details beside the readings;
 - `room.py`: room on disk, so a full disk still drains;
 - `migrate.py`: a first-version file carried over;
 - `view.py`: the read-only view for `status` and reports;
