@@ -61,7 +61,7 @@ _COLUMNS = (
 )
 PROGRESS_HEADER = "".join(f"{name:>{width}}" for name, width in _COLUMNS)
 
-__all__ = ["SimulatedSite", "demo_config", "progress_row", "run_demo"]
+__all__ = ["ProgressGrid", "SimulatedSite", "demo_config", "progress_row", "run_demo"]
 
 
 def demo_config(out: Path, broker: DemoBroker | None = None) -> Config:
@@ -129,6 +129,25 @@ class ProgressLines:
         if self._tty and self._rows:
             self._stream.write("\n")
         self._stream.flush()
+
+
+class ProgressGrid:
+    """When a progress row is due: on a fixed grid from the start, so rows never drift.
+
+    The main loop asks on every turn. A turn that comes late (the loop was busy or the
+    machine loaded) gets one row for the time it is now, not a burst of rows it missed.
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._slot = 0  # the grid slot of the last row shown
+
+    def due(self, elapsed_s: float) -> bool:
+        slot = int(elapsed_s // self.every_s)
+        if slot <= self._slot:
+            return False
+        self._slot = slot
+        return True
 
 
 def _count(n: int, one: str, many: str) -> str:
@@ -238,21 +257,20 @@ def _run_site(
     if early_stop.is_set():
         service.request_stop()
     lines = ProgressLines(stream)
+    grid = ProgressGrid(PROGRESS_EVERY_S)
     started: float | None = None
-    rows = 0
 
     def progress(svc: Service) -> None:
         # Called from the main loop, so only once the sources are subscribed: the site starts
         # then, and nothing it publishes goes to a broker with no subscriber yet.
-        nonlocal started, rows
+        nonlocal started
         now = time.monotonic()
         if started is None:
             started = now
             site.start()
             return
         elapsed = now - started
-        if elapsed >= PROGRESS_EVERY_S * (rows + 1):  # on a fixed grid: no drift, no skipped second
-            rows = int(elapsed // PROGRESS_EVERY_S)
+        if grid.due(elapsed):
             stats = svc.intake.stats
             waiting = svc.buffer.depth().total_readings
             lines.show(

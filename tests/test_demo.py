@@ -3,6 +3,7 @@ pipeline through its own Mosquitto, the device map's names in the batches, a cle
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway import wire
-from gateway.demo import PROGRESS_HEADER, progress_row
+from gateway.demo import PROGRESS_HEADER, ProgressGrid, progress_row
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW = re.compile(r"\s*\d+:\d\d(:\d\d)?(\s+\d+){5}")
@@ -172,8 +173,12 @@ def mqtt_run(tmp_path_factory: pytest.TempPathFactory, mosquitto_executable: str
 
 
 @pytest.mark.integration
-def test_progress_is_plain_lines_of_at_most_80_columns_once_a_second(mqtt_run: MqttRun) -> None:
-    """Through a pipe, progress is newline-terminated rows within 80 columns, at least one a second."""
+def test_progress_is_plain_lines_of_at_most_80_columns_as_the_run_goes(mqtt_run: MqttRun) -> None:
+    """Through a pipe, progress is newline-terminated rows within 80 columns, their clocks rising.
+
+    When rows are due is `ProgressGrid`'s, pinned without a wall clock below: on a loaded
+    machine the main loop may turn late, and this test must not depend on it.
+    """
     demo = mqtt_run.demo
     assert mqtt_run.code == 0, demo.stderr
     text = demo.text()
@@ -185,9 +190,8 @@ def test_progress_is_plain_lines_of_at_most_80_columns_once_a_second(mqtt_run: M
     assert not too_wide, text
     rows = demo.rows()
     assert len(rows) >= 5, text
-    times = [t for t, _ in rows]
-    assert len(rows) >= int(times[-1] - times[0]) + 1  # count against the time they span
-    assert max(b - a for a, b in itertools.pairwise(times)) <= 1.5, text
+    seconds = [functools.reduce(lambda a, b: a * 60 + int(b), line.split()[0].split(":"), 0) for _, line in rows]
+    assert all(a < b for a, b in itertools.pairwise(seconds)), text
 
 
 @pytest.mark.integration
@@ -247,6 +251,18 @@ def test_demo_without_mosquitto_feeds_intake_directly(tmp_path: Path) -> None:
     assert "its own Mosquitto" not in demo.text()
     metrics = {s["metric"] for s in demo.series()}
     assert {"current", "temperature"} <= metrics and "TEMP" not in metrics
+
+
+def test_progress_rows_fall_on_a_one_second_grid_without_drift_or_bursts() -> None:
+    """A row for every second the loop is on time; after a late turn, one row for now, never a burst."""
+    grid = ProgressGrid(1.0)
+    turns = [i * 0.1 + 0.03 for i in range(100)]  # ten turns a second for 10 s, a little off the grid
+    shown = [t for t in turns if grid.due(t)]
+    assert [int(t) for t in shown] == list(range(1, 10))  # one row a second, each in its own second
+    assert not grid.due(9.99)
+    assert grid.due(14.2)  # the loop was stuck for 4 s: one row now...
+    assert not grid.due(14.3)  # ...not the four it missed
+    assert grid.due(15.0)  # and the grid is where it was: no drift from the late turn
 
 
 def test_progress_rows_fit_80_columns_for_any_demo() -> None:
