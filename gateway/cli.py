@@ -100,16 +100,22 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     cloud = settings.cloud
     if not isinstance(cloud, IotCoreCloud):
-        print(f"hub-gateway enroll: {path} has cloud.kind {cloud.kind}; enroll needs cloud.kind iot-core "
-              "(its endpoint, ca, cert and key)", file=sys.stderr)
+        print(
+            f"hub-gateway enroll: {path} has cloud.kind {cloud.kind}; enroll needs cloud.kind iot-core "
+            "(its endpoint, ca, cert and key)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     section = settings.provisioning or Provisioning()
     try:  # the options override gateway.yaml key by key, and pass the same checks
         given = Provisioning(template=args.template, claim_cert=args.claim_cert, claim_key=args.claim_key)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            print(f"hub-gateway enroll: --{str(error['loc'][0]).replace('_', '-')}: "
-                  f"{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+            print(
+                f"hub-gateway enroll: --{str(error['loc'][0]).replace('_', '-')}: "
+                f"{error['msg'].removeprefix('Value error, ')}",
+                file=sys.stderr,
+            )
         return EXIT_CONFIG
     template = given.template or section.template
     claim_cert = given.claim_cert or section.claim_cert
@@ -452,9 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     p.add_argument("-c", "--config", help=config_help)
-    p.add_argument(
-        "device", nargs="?", metavar="DEVICE", help="diagnose one device: its sensor_id, dev_eui or osm_id"
-    )
+    p.add_argument("device", nargs="?", metavar="DEVICE", help="diagnose one device: its sensor_id, dev_eui or osm_id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 

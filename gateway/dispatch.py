@@ -107,6 +107,7 @@ class Dispatcher:
         self._largest_accepted = 0
         self._paused_until = 0.0
         self.published_batches = 0
+        self.published_readings = 0
         #: Since the last summary line: batches, readings and message bytes the cloud accepted.
         self._summary = [0, 0, 0]
         self._summary_from = clock()
@@ -200,6 +201,7 @@ class Dispatcher:
                 batch.take.confirm()
                 self._forget(seq)
                 self.published_batches += 1
+                self.published_readings += batch.readings
                 self._link_refusals = 0
                 self._largest_accepted = max(self._largest_accepted, len(batch.payload))
                 log.debug("batch published", batch_id=batch.batch_id, readings=batch.readings, bytes=len(batch.payload))

@@ -67,25 +67,36 @@ class SnapshotCollector(Collector):
             refused.add_metric([f"0x{code:02x}"], n)
         yield refused
         yield counter("publish_failures", "Publishes that failed without a PUBACK reason code.", s.publish_failures)
-        yield counter("dropped_readings", "Readings dropped to keep the buffer within max_size/max_age.",
-                      s.dropped_readings)
+        yield counter(
+            "dropped_readings", "Readings dropped to keep the buffer within max_size/max_age.", s.dropped_readings
+        )
         yield gauge("backlog_readings", "Readings not yet confirmed by the cloud.", s.backlog_readings)
         yield gauge("backlog_bytes", "Payload bytes (uncompressed) not yet confirmed by the cloud.", s.backlog_bytes)
-        yield gauge("oldest_unsent_age_seconds", "Age of the oldest reading not yet confirmed (0: none).",
-                    s.oldest_unsent_age_s or 0.0)
+        yield gauge(
+            "oldest_unsent_age_seconds",
+            "Age of the oldest reading not yet confirmed (0: none).",
+            s.oldest_unsent_age_s or 0.0,
+        )
         yield gauge("in_flight_batches", "Batches published and not yet answered.", s.in_flight)
         yield gauge("cloud_connected", "1 while the cloud connection is up.", 1.0 if s.cloud_connected else 0.0)
-        yield gauge("last_publish_age_seconds", "Seconds since the cloud last accepted a batch (NaN: none yet).",
-                    math.nan if s.last_publish_age_s is None else s.last_publish_age_s)
-        yield gauge("runway_seconds", "Seconds until the buffer reaches max_size at the recent intake rate "
-                    "(+Inf: no intake).", s.runway_s)
+        yield gauge(
+            "last_publish_age_seconds",
+            "Seconds since the cloud last accepted a batch (NaN: none yet).",
+            math.nan if s.last_publish_age_s is None else s.last_publish_age_s,
+        )
+        yield gauge(
+            "runway_seconds",
+            "Seconds until the buffer reaches max_size or fills the disk at the last "
+            "15 minutes' intake rate if nothing drained (+Inf: no intake).",
+            s.runway_s,
+        )
         seen = GaugeMetricFamily(
             PREFIX + "device_last_seen_timestamp_seconds",
             "When each device heard since the start last sent an uplink (Unix time).",
             labels=["device", "sensor_id"],
         )
-        for device, (sensor_id, last_ms) in sorted(s.devices.items()):
-            seen.add_metric([device, sensor_id or ""], last_ms / 1000)
+        for device, heard in sorted(s.devices.items()):
+            seen.add_metric([device, heard.sensor_id or ""], heard.last_seen_ms / 1000)
         yield seen
 
 

@@ -27,13 +27,16 @@ from gateway.buffer import (
     is_storage_failure,
     mark_damaged,
     now_ms,
+    view,
 )
 from gateway.cli import version
-from gateway.cloud import Publisher, build_publisher
+from gateway.cloud import Publisher, Will, build_publisher
 from gateway.config import Config, ConfigError, device_map_files, load_device_maps, load_settings
 from gateway.config.settings import IotCoreCloud, Settings
 from gateway.dispatch import Dispatcher
 from gateway.errors import BufferLostError, DiskFullError
+from gateway.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
+from gateway.health import Health, HealthSender, offline_message
 from gateway.intake import Intake
 from gateway.metrics import MetricsServer
 from gateway.model import DeviceKey
@@ -99,7 +102,12 @@ class Service:
         s = config.settings
         self.settings = s
         self.buffer = buffer or open_buffer(s)
-        self.publisher = publisher or build_publisher(s)
+        self.started_ms = now_ms()
+        health_topic = s.health.topic_for(s.gateway)
+        will = Will(
+            health_topic, offline_message(s, version(), self.started_ms), HEALTH_CONTENT_TYPE, int(s.health.will_delay)
+        )
+        self.publisher = publisher or build_publisher(s, will)
         gzip = s.batch.compression == "gzip"
         self.batcher = Batcher(
             self.buffer, Ids(s.gateway.id, s.gateway.tenant_id, s.gateway.site_id), s.batch.max_bytes, gzip
@@ -146,11 +154,19 @@ class Service:
         #: Wall-clock step seen last (seconds, + forward), for the bound that drops by age.
         self._clock_jump_s: float | None = None
         self.reporter = Reporter(self.buffer, self.intake.stats, self.dispatcher, self.publisher)
+        # What the buffer kept of each device before this start: a device not heard since is
+        # judged silent by its own usual interval, not the moment the daemon starts.
+        before = {
+            d["device"]: (d["last_seen_ms"] or None, d["interval_ms"]) for d in view.read(self.buffer.path)["devices"]
+        }
+        self.health = Health(config, self.reporter, version=version(), started_ms=self.started_ms, before=before)
+        self.health_sender = HealthSender(self.health, self.publisher, health_topic, s.health.interval)
         self.metrics: MetricsServer | None = None
         if s.metrics is not None:
             self.metrics = MetricsServer(s.metrics.host, s.metrics.port, self.reporter.snapshot)
         #: The cloud link as `status` shows it: up or down, and since when (wall ms).
         self._link: tuple[bool, int] | None = None
+        self._health_failed = False
 
     def _sensor_of(self, device: DeviceKey) -> str | None:
         """The sensor_id the running maps give a device (for watch events that do not say)."""
@@ -227,7 +243,7 @@ class Service:
                 moved_to=str(recovered.moved_to),
                 reason=recovered.reason,
             )
-        self.buffer.note_state("started_ms", now_ms())
+        self.buffer.note_state("started_ms", self.started_ms)
         self._note_devices()
         self._note_cloud()
         if self.metrics is not None:
@@ -306,6 +322,7 @@ class Service:
                 self.dispatcher.collect_results()
                 self.buffer.settle()
                 self.dispatcher.publish_due()
+                self._health()
                 if now >= next_bounds:
                     next_bounds = now + BOUNDS_EVERY_S
                     self._enforce_bounds()
@@ -341,6 +358,20 @@ class Service:
             self._stop_damaged(self._damage)
             return
         self._shutdown()
+
+    def _health(self) -> None:
+        """The health message when due. What it cannot read of the buffer is the buffer's
+        trouble (raised); anything else is logged and the data flows on without it."""
+        try:
+            self.health_sender.tick()
+        except (sqlite3.DatabaseError, DiskFullError, BufferLostError):
+            raise
+        except Exception:
+            if not self._health_failed:
+                log.exception("cannot build or publish the health message")
+            self._health_failed = True
+        else:
+            self._health_failed = False
 
     def _buffer_error(self, exc: sqlite3.DatabaseError | DiskFullError) -> None:
         """The main loop could not use the buffer: damaged (stop), or full/failing (retry)."""
@@ -478,6 +509,7 @@ class Service:
         changes = devices.changes_from(self.config.devices)
         self.config = Config(self.config.path, self.settings, devices)
         self.intake.use_devices(devices)
+        self.health.use(self.config)
         self._note_devices()
         # The intake thread switches between two groups, then decodes dead letters of changed
         # devices and replays kept uplinks page by page; its "device maps in use" line counts them.
@@ -540,6 +572,10 @@ class Service:
             self.dispatcher.flush(deadline)
         except (sqlite3.DatabaseError, DiskFullError) as exc:
             log.error("cannot flush the buffer while stopping; unsent readings stay stored", error=str(exc))
+        try:  # the retained health message says the gateway stopped on purpose
+            self.health_sender.stop(deadline)
+        except Exception:
+            log.exception("cannot publish the stopped health message")
         self.publisher.stop(timeout_s=max(0.1, deadline - time.monotonic()))
         try:
             self.dispatcher.collect_results()

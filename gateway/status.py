@@ -11,6 +11,7 @@ from gateway import pki
 from gateway.buffer import now_ms, view
 from gateway.config.settings import Cloud, IotCoreCloud
 from gateway.config.suggest import close_names
+from gateway.report import overdue_after_s
 
 
 def read_status(path: Path, dead_letters: int = 5) -> dict[str, Any]:
@@ -115,10 +116,6 @@ def _dead_letter_line(letters: dict[str, Any]) -> str:
 
 # ---- devices: what is mapped, what was heard, and a verdict on each ----------------------------
 
-#: A device is late when silent for this many usual intervals, and at least LATE_MIN_S more.
-LATE_INTERVALS = 3
-LATE_MIN_S = 60
-
 
 def _span(seconds: float) -> str:
     """A duration as people say it: 45 s, 14 min, 3.5 h, 2.0 d."""
@@ -201,7 +198,7 @@ def verdict(
         return "frame-counter reset"
     interval = row.get("interval_ms")
     age_s = (now - row["last_seen_ms"]) / 1000
-    if interval and age_s > max(LATE_INTERVALS * interval / 1000, interval / 1000 + LATE_MIN_S):
+    if interval and age_s > overdue_after_s(interval / 1000):
         return f"late: last seen {_span(age_s)} ago, usually every {_span(interval / 1000)}"
     return "ok"
 

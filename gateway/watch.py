@@ -429,8 +429,10 @@ def watch(path: Path, ids: Sequence[str], as_json: bool, out: TextIO = sys.stdou
                 pass  # the daemon went at once: the answer below is missing, and says so
             answer = json.loads(stream.readline() or b"{}")
             if answer.get("event") != "watching":
-                print(f"hub-gateway watch: the daemon refused: {answer.get('message', 'it closed the connection')}",
-                      file=err)
+                print(
+                    f"hub-gateway watch: the daemon refused: {answer.get('message', 'it closed the connection')}",
+                    file=err,
+                )
                 return 1
             what = ", ".join(ids) if ids else "every device"
             print(f"watching {what} (Ctrl-C to stop)", file=err, flush=True)

@@ -16,7 +16,7 @@ from tests.support.brokers import (
     find_mosquitto,
 )
 from tests.support.certs import TestCerts, make_test_certs
-from tests.support.daemon import Daemon
+from tests.support.daemon import READINGS_FILTER, Daemon
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +47,7 @@ def local_broker(tmp_path: Path, mosquitto_executable: str) -> Iterator[Mosquitt
 
 
 @pytest.fixture
-def cloud_broker(
-    tmp_path: Path, certs: TestCerts, mosquitto_executable: str
-) -> Iterator[Mosquitto]:
+def cloud_broker(tmp_path: Path, certs: TestCerts, mosquitto_executable: str) -> Iterator[Mosquitto]:
     """IoT Core's stand-in: TLS on loopback with require_certificate true, started.
 
     Like IoT Core it allows 100 unacknowledged publishes per client (Receive Maximum in
@@ -71,9 +69,7 @@ CloudReaderFactory = Callable[..., Subscriber]
 
 
 @pytest.fixture
-def cloud_reader(
-    cloud_broker: Mosquitto, certs: TestCerts
-) -> Iterator[CloudReaderFactory]:
+def cloud_reader(cloud_broker: Mosquitto, certs: TestCerts) -> Iterator[CloudReaderFactory]:
     """Factory: cloud_reader(topic_filter="#", **Subscriber options) -> a started Subscriber.
 
     Each reader connects to cloud_broker over mTLS with its own client cert; all are closed
@@ -84,8 +80,9 @@ def cloud_reader(
 
     def make(topic_filter: str = "#", **options: object) -> Subscriber:
         client_id = str(options.pop("client_id", None) or f"cloud-reader-{next(numbers)}")
-        reader = Subscriber(cloud_broker, topic_filter, client_id=client_id,
-                            client_cert=certs.client(client_id), **options)  # type: ignore[arg-type]
+        reader = Subscriber(
+            cloud_broker, topic_filter, client_id=client_id, client_cert=certs.client(client_id), **options
+        )  # type: ignore[arg-type]
         readers.append(reader.start())
         return reader
 
@@ -97,7 +94,7 @@ def cloud_reader(
 @pytest.fixture
 def reader(cloud_reader: CloudReaderFactory) -> Subscriber:
     """The cloud side: a persistent session, so nothing published while it reconnects is lost."""
-    return cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=600)
+    return cloud_reader(READINGS_FILTER, clean_start=False, session_expiry_interval=600)
 
 
 @pytest.fixture

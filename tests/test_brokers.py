@@ -65,7 +65,11 @@ class Lifecycle:
 
 @contextmanager
 def iot_core_client(
-    broker: Mosquitto, certs: TestCerts, client_id: str, *, pair: KeyPair | None = None,
+    broker: Mosquitto,
+    certs: TestCerts,
+    client_id: str,
+    *,
+    pair: KeyPair | None = None,
     **options: Any,
 ) -> Iterator[tuple[mqtt5.Client, Lifecycle]]:
     """The awsiotsdk MQTT5 mTLS client as the gateway builds it, started; stopped on exit."""
@@ -102,8 +106,7 @@ def readings_packet(topic: str, batch_id: str) -> mqtt5.PublishPacket:
         content_type=CONTENT_TYPE,
         payload_format_indicator=mqtt5.PayloadFormatIndicator.AWS_MQTT5_PFI_UTF8,
         message_expiry_interval_sec=SEVEN_DAYS,
-        user_properties=[mqtt5.UserProperty("batch-id", batch_id),
-                         mqtt5.UserProperty("readings", "0")],
+        user_properties=[mqtt5.UserProperty("batch-id", batch_id), mqtt5.UserProperty("readings", "0")],
     )
 
 
@@ -143,9 +146,11 @@ def test_publish_made_during_an_outage_completes_when_the_stand_in_returns(
     resolves with a PUBACK once the stand-in is back on the same port and the client has
     reconnected by itself."""
     reader = cloud_reader("dt/hub/#", clean_start=False, session_expiry_interval=3600)
-    with iot_core_client(cloud_broker, certs, "gw-acme-leeds-01",
-                         min_reconnect_delay_ms=100, max_reconnect_delay_ms=500) as (
-        client, lifecycle,
+    with iot_core_client(
+        cloud_broker, certs, "gw-acme-leeds-01", min_reconnect_delay_ms=100, max_reconnect_delay_ms=500
+    ) as (
+        client,
+        lifecycle,
     ):
         lifecycle.wait_for_outcome()
         cloud_broker.stop()
@@ -173,7 +178,8 @@ def test_failing_puback_resolves_the_future_instead_of_raising(
     broker = Mosquitto(
         tmp_path / "cloud-acl",
         tls=ServerTLS(certs.ca_cert, certs.server, use_identity_as_username=True),
-        acl_file=acl, executable=mosquitto_executable,
+        acl_file=acl,
+        executable=mosquitto_executable,
     )
     with broker, iot_core_client(broker, certs, "gw-acme-leeds-01") as (client, lifecycle):
         lifecycle.wait_for_outcome()
@@ -184,9 +190,7 @@ def test_failing_puback_resolves_the_future_instead_of_raising(
     assert refused.puback.reason_code == mqtt5.PubackReasonCode.NOT_AUTHORIZED
 
 
-def test_client_cert_from_another_ca_is_refused(
-    cloud_broker: Mosquitto, certs: TestCerts, tmp_path: Path
-) -> None:
+def test_client_cert_from_another_ca_is_refused(cloud_broker: Mosquitto, certs: TestCerts, tmp_path: Path) -> None:
     """A client cert not signed by the stand-in's CA ends the first attempt in a connection
     failure lifecycle event (quickly: the server refuses, so no client-side TLS delay)."""
     stranger = make_ca(tmp_path / "other-pki", "other-ca").issue_client("gw-stranger")
@@ -209,8 +213,12 @@ def test_unacked_message_is_redelivered_until_acked_from_another_thread(
     """With paho's manual_ack and a persistent session, a message not acked comes back (DUP,
     same mid) after a reconnect, and once client.ack() is called from a thread other than
     paho's network thread it does not."""
-    session: dict[str, Any] = {"client_id": "hub-gateway-src-1", "manual_ack": True,
-                               "clean_start": False, "session_expiry_interval": 300}
+    session: dict[str, Any] = {
+        "client_id": "hub-gateway-src-1",
+        "manual_ack": True,
+        "clean_start": False,
+        "session_expiry_interval": 300,
+    }
     with Subscriber(local_broker, "application/#", **session) as first:
         publish_uplink(local_broker, b"m1")
         [original] = first.wait_for_count(1)
@@ -235,8 +243,7 @@ def test_unacked_message_is_redelivered_until_acked_from_another_thread(
 def test_queued_messages_survive_a_local_broker_restart(local_broker: Mosquitto) -> None:
     """QoS 1 messages queued for an offline persistent session are saved at SIGTERM and
     delivered after Mosquitto restarts on the same port."""
-    session: dict[str, Any] = {"client_id": "hub-gateway-src-2", "clean_start": False,
-                               "session_expiry_interval": 3600}
+    session: dict[str, Any] = {"client_id": "hub-gateway-src-2", "clean_start": False, "session_expiry_interval": 3600}
     Subscriber(local_broker, "osm/+/measurements", **session).start().close()
     with publishing(local_broker) as send:
         for n in range(3):
@@ -257,8 +264,7 @@ def test_queued_messages_are_lost_when_the_broker_crashes_before_autosave(
 ) -> None:
     """Mosquitto writes persistence only at shutdown and every autosave_interval, so a
     SIGKILL loses the offline session and its queue (the site's broker must stop cleanly)."""
-    session: dict[str, Any] = {"client_id": "hub-gateway-src-3", "clean_start": False,
-                               "session_expiry_interval": 3600}
+    session: dict[str, Any] = {"client_id": "hub-gateway-src-3", "clean_start": False, "session_expiry_interval": 3600}
     Subscriber(local_broker, "osm/+/measurements", **session).start().close()
     with publishing(local_broker) as send:
         send(OSM_TOPIC, b"reading 0")
@@ -269,19 +275,21 @@ def test_queued_messages_are_lost_when_the_broker_crashes_before_autosave(
         assert reader.session_present is False
 
 
-@pytest.mark.parametrize(("max_inflight_messages", "receive_maximum", "window"),
-                         [(3, None, 3), (3, 5, 5)])
+@pytest.mark.parametrize(("max_inflight_messages", "receive_maximum", "window"), [(3, None, 3), (3, 5, 5)])
 def test_unacked_window_is_receive_maximum_else_max_inflight_messages(
-    tmp_path: Path, mosquitto_executable: str,
-    max_inflight_messages: int, receive_maximum: int | None, window: int,
+    tmp_path: Path,
+    mosquitto_executable: str,
+    max_inflight_messages: int,
+    receive_maximum: int | None,
+    window: int,
 ) -> None:
     """Mosquitto stops sending to a manual-ack subscriber once `window` messages are unacked
     (the client's Receive Maximum if it sends one, else max_inflight_messages), and an ack
     lets more through."""
-    broker = Mosquitto(tmp_path / "local-window", max_inflight_messages=max_inflight_messages,
-                       executable=mosquitto_executable)
-    with broker, Subscriber(broker, "application/#", manual_ack=True,
-                            receive_maximum=receive_maximum) as reader:
+    broker = Mosquitto(
+        tmp_path / "local-window", max_inflight_messages=max_inflight_messages, executable=mosquitto_executable
+    )
+    with broker, Subscriber(broker, "application/#", manual_ack=True, receive_maximum=receive_maximum) as reader:
         for n in range(window + 2):
             publish_uplink(broker, f"m{n}".encode())
         received = reader.wait_for_count(window)

@@ -160,17 +160,17 @@ def test_ids_written_as_block_scalars_are_refused(tmp_path: Path) -> None:
     (tmp_path / "devices").mkdir()
     (tmp_path / "devices" / "a.yaml").write_text(
         "devices:\n"
-        "  - dev_eui: \"70b3d57ed0001234\\n\"\n"
+        '  - dev_eui: "70b3d57ed0001234\\n"\n'
         "    sensor_id: a\n"
         "    codec: osm-v2\n"
-        "  - osm_id: \"0A1B2C3D\\n\"\n"
+        '  - osm_id: "0A1B2C3D\\n"\n'
         "    sensor_id: b\n"
         "    codec: osm-json\n"
         "  - dev_eui: 70b3d57ed0005678\n"
         "    sensor_id: |\n"
         "      c\n"
         "    codec: osm-v2\n"
-        "    metrics: {CC1: {name: \"current\\n\"}}\n"
+        '    metrics: {CC1: {name: "current\\n"}}\n'
     )
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(
@@ -186,7 +186,7 @@ def test_ids_written_as_block_scalars_are_refused(tmp_path: Path) -> None:
 
 
 def test_durations_and_sizes_refuse_a_trailing_newline_and_non_finite_numbers() -> None:
-    """"5s\\n", "1GiB\\n", Unicode digits and a .nan or .inf duration are refused."""
+    """ "5s\\n", "1GiB\\n", Unicode digits and a .nan or .inf duration are refused."""
     for bad in ("5s\n", "\u0665s", float("nan"), float("inf")):
         with pytest.raises(ValueError):
             parse_duration(bad)
@@ -295,7 +295,7 @@ def test_chirpstack_tenant_id_must_be_a_uuid_and_is_normalised(tmp_path: Path) -
         "  - dev_eui: 70b3d57ed0001234\n"
         "    sensor_id: s\n"
         "    codec: osm-v2\n"
-        f"    chirpstack_tenant_id: \"{TENANT}\\n\"\n"
+        f'    chirpstack_tenant_id: "{TENANT}\\n"\n'
     )
     problems = map_problems(path)
     assert problems[0].startswith(f"{path}:1:23: chirpstack_tenant_id: 'acme' is not a UUID")
@@ -320,8 +320,9 @@ def test_chirpstack_tenant_id_must_be_a_uuid_and_is_normalised(tmp_path: Path) -
 def test_an_osm_unit_cannot_name_a_chirpstack_tenant(tmp_path: Path) -> None:
     """chirpstack_tenant_id on an osm_id entry is refused: none of its uplinks could ever pass."""
     path = tmp_path / "map.yaml"
-    path.write_text(f"devices:\n  - osm_id: 0A1B2C3D\n    sensor_id: k\n    codec: osm-json\n"
-                    f"    chirpstack_tenant_id: {TENANT}\n")
+    path.write_text(
+        f"devices:\n  - osm_id: 0A1B2C3D\n    sensor_id: k\n    codec: osm-json\n    chirpstack_tenant_id: {TENANT}\n"
+    )
     (problem,) = map_problems(path)
     assert "chirpstack_tenant_id is for LoRaWAN devices (dev_eui)" in problem
 

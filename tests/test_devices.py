@@ -82,7 +82,6 @@ def test_tenant_ids_compare_case_insensitively() -> None:
     assert isinstance(resolve(up(FRAME, tenant=TENANT.upper()), devices(chirpstack_tenant_id=TENANT)), DecodedUplink)
 
 
-
 def test_a_value_too_large_to_scale_is_a_dead_letter() -> None:
     """An OSM JSON integer of 400 digits under a scale override cannot become a double: the uplink
     is a dead letter saying so, never an exception out of the devices stage."""

@@ -218,9 +218,7 @@ def test_a_failing_batch_backs_off_on_its_own_while_others_succeed(buffer: Buffe
 
 
 @pytest.mark.parametrize("code", [0x87, 0x97])
-def test_a_refusal_concerning_the_connection_pauses_all_publishing(
-    buffer: Buffer, batcher: Batcher, code: int
-) -> None:
+def test_a_refusal_concerning_the_connection_pauses_all_publishing(buffer: Buffer, batcher: Batcher, code: int) -> None:
     """A refusal of the connection (0x87 not authorized, 0x97 quota exceeded) pauses every
     batch, live ones too: 2 s for the first refusal, doubling with each refusal in a row (here
     the third, as two batches were refused together, pauses 8 s)."""

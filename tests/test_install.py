@@ -46,9 +46,7 @@ def install(tmp_path: Path, *args: str, bin_dir: Path | None = None) -> subproce
 
 def test_this_machine_is_supported() -> None:
     """--check-platform on the test machine (x86_64 or aarch64, Python 3.11+) says so, exit 0."""
-    done = subprocess.run(
-        ["bash", str(INSTALL), "--check-platform"], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run(["bash", str(INSTALL), "--check-platform"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"supported: {platform.machine()}, Python ")
 

@@ -31,7 +31,7 @@ from gateway.status import read_status
 from tests.chirpstack import encode, topic, uplink_event
 from tests.support.brokers import Mosquitto, ServerTLS, Subscriber, publishing
 from tests.support.certs import TestCerts
-from tests.support.daemon import Daemon
+from tests.support.daemon import READINGS_FILTER, Daemon
 from tests.test_delivery import MAX_IN_FLIGHT, T0, burst, devices_yaml, rows_of, wait_rows
 
 LINK_LIMIT = 4096  # the stand-in's message_size_limit: bytes of payload it takes
@@ -58,7 +58,9 @@ def small_cloud(
 @pytest.fixture
 def small_reader(small_cloud: Mosquitto, certs: TestCerts) -> Iterator[Subscriber]:
     """The cloud side of the small stand-in."""
-    with Subscriber(small_cloud, "dt/hub/#", client_id="small-reader", client_cert=certs.client("small-reader")) as r:
+    with Subscriber(
+        small_cloud, READINGS_FILTER, client_id="small-reader", client_cert=certs.client("small-reader")
+    ) as r:
         yield r
 
 

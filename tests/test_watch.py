@@ -115,9 +115,7 @@ def test_watch_shows_readings_with_units_dead_letters_unmapped_logs_and_duplicat
     assert dead["device"] == f"dev_eui:{AIR}" and dead["reason"] == letter["reason"]
 
 
-def test_watch_by_sensor_id_shows_that_device_only_in_lines_for_people(
-    daemon: Daemon, local_broker: Mosquitto
-) -> None:
+def test_watch_by_sensor_id_shows_that_device_only_in_lines_for_people(daemon: Daemon, local_broker: Mosquitto) -> None:
     """`watch press-03-clamp` (filtered by the daemon) prints one line per uplink of that sensor,
     its reading with the unit, and nothing of the other devices sent in between."""
     watcher = watch_command(daemon, "press-03-clamp")
@@ -187,9 +185,7 @@ def test_watch_without_a_running_daemon_says_so_and_exits_1(
     assert not sock.exists()
 
 
-def test_start_and_reload_log_what_an_engineer_needs(
-    daemon: Daemon, local_broker: Mosquitto
-) -> None:
+def test_start_and_reload_log_what_an_engineer_needs(daemon: Daemon, local_broker: Mosquitto) -> None:
     """`gateway started` gives the version, the cloud endpoint and topic and the device count; a
     reload names the devices added, removed and changed by sensor_id and dev_eui/osm_id."""
     (started,) = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if "gateway started" in line]
@@ -215,8 +211,15 @@ def test_lines_for_people_name_the_drop_and_cut_a_long_payload() -> None:
 
     assert format_event({"event": "dropped", "count": 37}) == "... 37 events dropped: this terminal is too slow"
     line = format_event(
-        {"event": "dead_letter", "received_ms": T0, "sensor_id": "s", "device": "dev_eui:x", "reason": "truncated",
-         "payload_hex": "ab" * 256, "payload_bytes": 4000}
+        {
+            "event": "dead_letter",
+            "received_ms": T0,
+            "sensor_id": "s",
+            "device": "dev_eui:x",
+            "reason": "truncated",
+            "payload_hex": "ab" * 256,
+            "payload_bytes": 4000,
+        }
     )
     assert "DEAD LETTER: truncated" in line and line.endswith("ab... (4000 bytes)")
     assert normalise_id("70-B3-D5-7E-D0-00-12-34") == PRESS and normalise_id("press-03-clamp") == "press-03-clamp"

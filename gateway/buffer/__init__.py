@@ -56,7 +56,7 @@ from gateway.buffer.files import (
     quarantine,
 )
 from gateway.buffer.records import Record, Stored
-from gateway.buffer.results import Depth, Gap, StoreResult
+from gateway.buffer.results import Depth, Gap, Heard, StoreResult
 from gateway.buffer.sqlite import Buffer
 from gateway.buffer.takes import Take, TakeState
 
@@ -65,6 +65,7 @@ __all__ = [
     "Buffer",
     "Depth",
     "Gap",
+    "Heard",
     "Record",
     "Recovered",
     "StoreResult",

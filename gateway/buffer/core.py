@@ -497,6 +497,7 @@ class Core:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.OperationalError:
                 pass  # no room yet to copy the WAL's pages home; a later try may have it
+
     def _total_bytes(self) -> int:
         """What max_size bounds: chunks, and the dead letters and unmapped uplinks beside them."""
         t = self._totals
@@ -532,6 +533,7 @@ class Core:
         t["upto"] = max(t["upto"], chunk_id)
         self.stored_bytes_total += size
         return chunk_id
+
     def _delete_confirmed(self, db: sqlite3.Connection) -> None:
         """Delete fully confirmed chunks, keeping their keys in `seen` (part of a transaction)."""
         ids = sorted(self._pending)

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Heard(NamedTuple):
+    """A device heard since the start: what health and metrics report of it."""
+
+    sensor_id: str | None
+    last_seen_ms: int
+    #: Its usual interval, learned from the data's own times (None until two uplinks).
+    interval_ms: int | None
+    readings: int
+    dead_letters: int
 
 
 @dataclass

@@ -156,6 +156,9 @@ class DeviceCounts:
         self.held: dict[str, dict[str, Any]] = {}
         #: device -> [sensor_id, last seen (receive ms), last data time (ms), interval ms or None]
         self.heard: dict[str, list[Any]] = {}
+        #: device -> [readings, dead letters] flushed since start (add `pending` for the count now):
+        #: summed at the heartbeat, never per uplink.
+        self.flushed: dict[str, list[int]] = {}
 
     def of(self, device: str, sensor_id: str | None, at: int = 0) -> dict[str, Any]:
         d = self.pending.setdefault(
@@ -226,6 +229,9 @@ class DeviceCounts:
                 d.update(held)
             self.held = {}
         for key, d in self.pending.items():
+            counts = self.flushed.setdefault(key, [0, 0])
+            counts[0] += d["rd"]
+            counts[1] += d["dl"]
             db.execute(
                 "INSERT INTO devices (device, sensor_id, last_seen_ms, uplinks, readings, dead_letters,"
                 " log_events, last_log, foreign_tenant, note) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -279,6 +285,15 @@ class DeviceCounts:
             )
             db.execute("DELETE FROM device_details WHERE device NOT IN (SELECT device FROM devices)")
         self.pending = {}
+
+    def since_start(self, device: str) -> tuple[int, int]:
+        """Readings stored and dead letters of a device since the start (a dead letter decoded
+        again after a map fix counts as a reading, not a dead letter)."""
+        flushed = self.flushed.get(device, (0, 0))
+        pending = self.pending.get(device)
+        if pending is None:
+            return flushed[0], max(0, flushed[1])
+        return flushed[0] + pending["rd"], max(0, flushed[1] + pending["dl"])
 
 
 def _newest(values: dict[str, list[Any]]) -> dict[str, list[Any]]:

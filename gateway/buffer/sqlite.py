@@ -19,6 +19,7 @@ next commit (or `settle` after a second without one). So a crash may send again 
 confirmed in the last second, as SPEC 7 allows for batches in flight at a crash; it never
 loses what was acknowledged upstream.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ from gateway.buffer import records as rec
 from gateway.buffer.bounds import Bounds
 from gateway.buffer.core import SETTLE_AFTER_S
 from gateway.buffer.records import Record, Stored
-from gateway.buffer.results import StoreResult
+from gateway.buffer.results import Heard, StoreResult
 from gateway.errors import BufferFullError, BufferLostError
 from gateway.model import DeadLetter, DeviceLog, ForeignTenant, Outcome, Unmapped
 
@@ -45,6 +46,7 @@ class Buffer(Bounds):
     def over_limit(self) -> bool:
         """True when intake must be held: the buffer is at `max_size` under `stop-intake`."""
         return self.when_full == "stop-intake" and self._total_bytes() >= self.max_size
+
     def store(self, outcomes: Iterable[Record | Outcome | DeviceLog]) -> StoreResult:
         """Commit a group of intake outcomes durably, in one transaction (fsync'd on return,
         so the caller may then acknowledge upstream).
@@ -175,6 +177,7 @@ class Buffer(Bounds):
             if written and self._live_since is None:
                 self._live_since = self._monotonic()
             return result
+
     def settle(self, force: bool = False) -> bool:
         """Commit what waits for a commit (takes to record, ended ones to forget, confirmed
         chunks to delete) once it has waited SETTLE_AFTER_S without a store to ride on, or at
@@ -211,10 +214,18 @@ class Buffer(Bounds):
         with self._lock:
             self._notes[key] = json.dumps(value, sort_keys=True)
 
-    def last_seen(self) -> dict[str, tuple[str | None, int]]:
-        """Devices heard since the start (the latest HEARD_KEPT): device -> (sensor_id, last seen ms)."""
+    def heard(self) -> dict[str, Heard]:
+        """Devices heard since the start (the latest HEARD_KEPT), with their counts since the start."""
         with self._lock:
-            return {device: (seen[0], seen[1]) for device, seen in self._devices.heard.items()}
+            devices = self._devices
+            return {
+                device: Heard(seen[0], seen[1], seen[3], *devices.since_start(device))
+                for device, seen in devices.heard.items()
+            }
+
+    def disk_free(self) -> int:
+        """Bytes free on the buffer's filesystem (as the buffer's own bound sees them)."""
+        return self._room.free_space(self.path.parent)
 
     def oldest_unsent_ms(self) -> int | None:
         """Receive time of the oldest reading not yet confirmed by the cloud (a read, no write)."""
@@ -249,6 +260,7 @@ class Buffer(Bounds):
         Written with the next heartbeat, like the device counters."""
         with self._lock:
             self._devices.of(str(device), sensor_id)["note"] = note
+
     # ---- beside the readings --------------------------------------------------------------
 
     def unmapped(self, after_id: int = 0, max_bytes: int = 4 * 1024**2, max_rows: int = 500) -> list[tuple[int, Any]]:

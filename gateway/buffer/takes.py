@@ -349,8 +349,12 @@ class Takes(Core):
                 db.executemany(
                     "INSERT INTO takes (seq, created_ms, spans, gap) VALUES (?,?,?,?)",
                     [
-                        (seq, take.created_ms, json.dumps([(cid, 0, len(part))]), None if i or carried is None else
-                         json.dumps(carried.__dict__))
+                        (
+                            seq,
+                            take.created_ms,
+                            json.dumps([(cid, 0, len(part))]),
+                            None if i or carried is None else json.dumps(carried.__dict__),
+                        )
                         for i, (seq, cid, part) in enumerate(zip(seqs, ids, lists, strict=True))
                     ],
                 )

@@ -47,6 +47,19 @@ class PublishResult:
 
 
 Done = Callable[[int, PublishResult], None]
+#: How a state message (`publish_state`) ended.
+StateDone = Callable[[PublishResult], None]
+
+
+@dataclass(frozen=True)
+class Will:
+    """The MQTT 5 will the cloud publishes, retained, once the connection has been lost for
+    `delay_s` (a reconnect within it sends nothing); a clean disconnect never sends it."""
+
+    topic: str
+    payload: bytes
+    content_type: str
+    delay_s: int
 
 
 class Publisher(Protocol):
@@ -68,9 +81,14 @@ class Publisher(Protocol):
     def publish(self, batch: Batch, done: Done) -> None:
         """Publish one batch; `done` is called exactly once with the outcome."""
 
+    def publish_state(self, topic: str, payload: bytes, content_type: str, done: StateDone) -> None:
+        """Publish the latest state of something (the health message): QoS 1, retained, not
+        a batch; `done` is called exactly once with the outcome."""
 
-def build_publisher(settings: Settings) -> Publisher:
-    """The cloud gateway.yaml names (awscrt is imported only for IoT Core)."""
+
+def build_publisher(settings: Settings, will: Will | None = None) -> Publisher:
+    """The cloud gateway.yaml names (awscrt is imported only for IoT Core), with the will
+    its connection carries (a directory has no connection to lose, and no will)."""
     cloud = settings.cloud
     if isinstance(cloud, DirectoryCloud):
         from gateway.cloud.directory import DirectoryPublisher
@@ -78,4 +96,4 @@ def build_publisher(settings: Settings) -> Publisher:
         return DirectoryPublisher(cloud.directory)
     from gateway.cloud.iot_core import IotCorePublisher
 
-    return IotCorePublisher(cloud, client_id=settings.gateway.id, topic=cloud.topic_for(settings.gateway))
+    return IotCorePublisher(cloud, client_id=settings.gateway.id, topic=cloud.topic_for(settings.gateway), will=will)

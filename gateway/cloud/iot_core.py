@@ -29,7 +29,7 @@ from awscrt import mqtt5
 from awsiot import mqtt5_client_builder
 
 from gateway.buffer import now_ms
-from gateway.cloud import SUCCESS_CODES, Done, PublishResult
+from gateway.cloud import SUCCESS_CODES, Done, PublishResult, StateDone, Will
 from gateway.config.settings import IotCoreCloud
 from gateway.model import Batch
 from gateway.wire import CONTENT_TYPE
@@ -52,7 +52,7 @@ def _reason_name(code: int) -> str:
 class IotCorePublisher:
     """Publishes batches to IoT Core (or a TLS broker standing in for it)."""
 
-    def __init__(self, settings: IotCoreCloud, client_id: str, topic: str) -> None:
+    def __init__(self, settings: IotCoreCloud, client_id: str, topic: str, will: Will | None = None) -> None:
         self._settings = settings
         self._topic = topic
         self._client_id = client_id
@@ -65,6 +65,20 @@ class IotCorePublisher:
         self.last_error_ms: int | None = None
         #: Maximum Packet Size from the broker's CONNACK (MQTT's own maximum when it sets none).
         self.max_packet_size: int | None = None
+        connect = mqtt5.ConnectPacket()
+        if will is not None:
+            connect.will = mqtt5.PublishPacket(
+                payload=will.payload,
+                qos=mqtt5.QoS.AT_LEAST_ONCE,
+                retain=True,
+                topic=will.topic,
+                payload_format_indicator=mqtt5.PayloadFormatIndicator.AWS_MQTT5_PFI_UTF8,
+                content_type=will.content_type,
+            )
+            connect.will_delay_interval_sec = will.delay_s
+            # The broker sends the will when the delay is over or the session ends, whichever
+            # is first: the session must outlive the delay. A reconnect still starts clean.
+            connect.session_expiry_interval_sec = will.delay_s
         self._client = mqtt5_client_builder.mtls_from_path(
             endpoint=settings.endpoint,
             port=settings.port,
@@ -72,6 +86,7 @@ class IotCorePublisher:
             pri_key_filepath=str(settings.key),
             ca_filepath=str(settings.ca),
             client_id=client_id,
+            connect_options=connect,
             keep_alive_interval_sec=60,
             session_behavior=mqtt5.ClientSessionBehaviorType.CLEAN,
             offline_queue_behavior=mqtt5.ClientOperationQueueBehaviorType.FAIL_ALL_ON_DISCONNECT,
@@ -89,8 +104,9 @@ class IotCorePublisher:
         self._client.start()
 
     def stop(self, timeout_s: float) -> None:
-        """Disconnect cleanly and wait for the client to stop."""
-        self._client.stop()
+        """Disconnect cleanly and wait for the client to stop. The DISCONNECT says "normal"
+        explicitly: the broker then discards the will (a stop is not a vanished gateway)."""
+        self._client.stop(mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION))
         self._stopped.wait(timeout_s)
 
     @property
@@ -126,6 +142,45 @@ class IotCorePublisher:
             done(batch.seq, PublishResult(False, None, f"publish refused: {exc}"))
             return
         future.add_done_callback(lambda f: self._complete(batch, overhead, f, done))
+
+    def publish_state(self, topic: str, payload: bytes, content_type: str, done: StateDone) -> None:
+        """Publish a retained QoS 1 message (the health message) outside the batches' flow."""
+        packet = mqtt5.PublishPacket(
+            payload=payload,
+            qos=mqtt5.QoS.AT_LEAST_ONCE,
+            retain=True,
+            topic=topic,
+            payload_format_indicator=mqtt5.PayloadFormatIndicator.AWS_MQTT5_PFI_UTF8,
+            content_type=content_type,
+        )
+        try:
+            future = self._client.publish(packet)
+        except Exception as exc:
+            done(PublishResult(False, None, f"publish refused: {exc}"))
+            return
+
+        def complete(f: Future[Any]) -> None:
+            try:
+                exc = f.exception()
+                if exc is not None:
+                    result = PublishResult(False, None, f"publish failed: {exc}")
+                else:
+                    puback = getattr(f.result(), "puback", None)
+                    if puback is None or puback.reason_code is None:
+                        result = PublishResult(False, None, "no readable PUBACK")
+                    elif int(puback.reason_code) in SUCCESS_CODES:
+                        result = PublishResult(True, int(puback.reason_code))
+                    else:
+                        code = int(puback.reason_code)
+                        result = PublishResult(False, code, puback.reason_string or _reason_name(code))
+            except Exception as exc:  # an outcome we cannot read is a failure, never an escape
+                result = PublishResult(False, None, f"unreadable publish outcome: {exc!r}")
+            try:
+                done(result)
+            except Exception:
+                log.exception("state publish outcome not handed on", topic=topic)
+
+        future.add_done_callback(complete)
 
     def _complete(self, batch: Batch, overhead: int, future: Future[Any], done: Done) -> None:
         """awscrt's thread: read the outcome and call `done` exactly once; nothing escapes."""

@@ -156,6 +156,4 @@ def metric_names(options: CodecOptions) -> frozenset[str]:
     return OSM_METRICS
 
 
-CODEC = Codec(
-    name="osm-v2", options=OsmV2Options, decode=decode, default_units=OSM_UNITS, metric_names=metric_names
-)
+CODEC = Codec(name="osm-v2", options=OsmV2Options, decode=decode, default_units=OSM_UNITS, metric_names=metric_names)

@@ -92,8 +92,7 @@ def _tenant_uuid(value: str) -> str:
     """A ChirpStack tenant id: a UUID written 8-4-4-4-12, any case; kept in canonical lower case."""
     if not _TENANT_UUID.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a UUID (ChirpStack shows the tenant id as "
-            "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+            f"{value!r} is not a UUID (ChirpStack shows the tenant id as xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
         )
     return str(uuid.UUID(value))
 
@@ -128,6 +127,8 @@ TagKey = Annotated[
     str,
     _matching(_TAG_KEY, "tag names are 1-64 ASCII letters (a-z, A-Z), digits, '_', '.', ':' or '-'"),
 ]
+
+
 def _tag_given(value: Any) -> Any:
     if value is None:
         raise ValueError("this tag has no value (empty or null): give it one, or remove the tag")

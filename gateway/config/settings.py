@@ -96,6 +96,42 @@ class OsmMqttSource(_LocalSource):
 Source = Annotated[ChirpStackSource | OsmMqttSource, Field(discriminator="kind")]
 
 
+def check_topic(value: str, rules: bool) -> str:
+    """A topic template to publish to, or ValueError saying what is wrong with it. `rules`: a
+    Basic Ingest topic ($aws/rules/<rule>/...) is allowed."""
+    for i, char in enumerate(value):
+        # NUL, spaces, line breaks, control and format characters (U+202E and the other bidi
+        # overrides) cannot be seen in a log or a console and have no place in a topic.
+        if char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
+            raise ValueError(
+                f"topic contains {unicodedata.name(char, 'a control character')} (U+{ord(char):04X}) at "
+                f"position {i + 1}; topics may not contain NUL, whitespace, control or format characters"
+            )
+    for name in _PLACEHOLDER.findall(value):
+        if name not in _TOPIC_FIELDS:
+            raise ValueError(f"unknown placeholder {{{name}}} (use {{tenant_id}}, {{site_id}}, {{gateway_id}})")
+    literal = _PLACEHOLDER.sub("x", value)
+    if "+" in literal or "#" in literal:
+        raise ValueError("a topic to publish to cannot contain the wildcards + or #")
+    if literal.startswith("$aws/rules/") and not rules:
+        raise ValueError(
+            "a Basic Ingest topic ($aws/rules/...) goes straight to a rule and keeps nothing: "
+            "a retained message needs a real topic"
+        )
+    if literal.startswith("$") and not literal.startswith("$aws/rules/"):
+        raise ValueError("topics starting with $ are reserved; only $aws/rules/<rule>/... is allowed")
+    if not literal or literal.startswith("/") or literal.endswith("/") or "//" in literal:
+        raise ValueError("topic levels must not be empty")
+    if len(value.encode()) > 200:
+        raise ValueError("topic is too long (IoT Core allows 256 bytes with at most 7 slashes)")
+    return value
+
+
+def fill_topic(template: str, identity: Identity) -> str:
+    """A topic template with its placeholders filled from validated ids."""
+    return template.format(tenant_id=identity.tenant_id, site_id=identity.site_id, gateway_id=identity.id)
+
+
 class _Cloud(Strict):
     topic: str = Field(
         default="dt/hub/{tenant_id}/{site_id}/{gateway_id}/readings",
@@ -108,39 +144,20 @@ class _Cloud(Strict):
     max_in_flight: int = Field(
         default=8,
         ge=2,
-        le=100,
+        le=99,
         description="Batches published and not yet acknowledged at once; one slot is kept for "
-        "live readings while a backlog drains.",
+        "live readings while a backlog drains. At most 99: IoT Core allows 100 unacknowledged "
+        "publishes a connection, and the health message may be one.",
     )
 
     @field_validator("topic")
     @classmethod
     def _topic_is_safe(cls, value: str) -> str:
-        for i, char in enumerate(value):
-            # NUL, spaces, line breaks, control and format characters (U+202E and the other bidi
-            # overrides) cannot be seen in a log or a console and have no place in a topic.
-            if char.isspace() or unicodedata.category(char) in ("Cc", "Cf"):
-                raise ValueError(
-                    f"topic contains {unicodedata.name(char, 'a control character')} (U+{ord(char):04X}) at "
-                    f"position {i + 1}; topics may not contain NUL, whitespace, control or format characters"
-                )
-        for name in _PLACEHOLDER.findall(value):
-            if name not in _TOPIC_FIELDS:
-                raise ValueError(f"unknown placeholder {{{name}}} (use {{tenant_id}}, {{site_id}}, {{gateway_id}})")
-        literal = _PLACEHOLDER.sub("x", value)
-        if "+" in literal or "#" in literal:
-            raise ValueError("a topic to publish to cannot contain the wildcards + or #")
-        if literal.startswith("$") and not literal.startswith("$aws/rules/"):
-            raise ValueError("topics starting with $ are reserved; only $aws/rules/<rule>/... is allowed")
-        if not literal or literal.startswith("/") or literal.endswith("/") or "//" in literal:
-            raise ValueError("topic levels must not be empty")
-        if len(value.encode()) > 200:
-            raise ValueError("topic is too long (IoT Core allows 256 bytes with at most 7 slashes)")
-        return value
+        return check_topic(value, rules=True)
 
     def topic_for(self, identity: Identity) -> str:
         """The topic with its placeholders filled from validated ids."""
-        return self.topic.format(tenant_id=identity.tenant_id, site_id=identity.site_id, gateway_id=identity.id)
+        return fill_topic(self.topic, identity)
 
 
 class IotCoreCloud(_Cloud):
@@ -247,6 +264,38 @@ class LogSettings(Strict):
     )
 
 
+class HealthSettings(Strict):
+    """The hub.health.v1 message: the gateway's latest state, retained on a topic of its own."""
+
+    interval: Duration = Field(
+        default=60.0,
+        ge=10.0,
+        le=3600.0,
+        description="How often the health message is published (also at each connect and at a clean stop).",
+    )
+    topic: str = Field(
+        default="dt/hub/{tenant_id}/{site_id}/{gateway_id}/health",
+        description="Topic of the health message and of the offline will; {tenant_id}, {site_id}, "
+        "{gateway_id} are filled in. Retained, so not a Basic Ingest topic.",
+    )
+    will_delay: Duration = Field(
+        default=120.0,
+        ge=0.0,
+        le=3600.0,
+        description="How long the cloud waits after the connection is lost before it publishes the "
+        "retained offline message: a reconnect within it sends nothing.",
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_is_safe(cls, value: str) -> str:
+        return check_topic(value, rules=False)
+
+    def topic_for(self, identity: Identity) -> str:
+        """The topic with its placeholders filled from validated ids."""
+        return fill_topic(self.topic, identity)
+
+
 class MetricsSettings(Strict):
     """Prometheus metrics in the text exposition format, at http://<listen>/metrics."""
 
@@ -288,9 +337,10 @@ class Settings(Strict):
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching.")
     devices: list[str] = Field(default=["devices/*.yaml"], description="Device-map files: globs relative to this file.")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
-    metrics: MetricsSettings | None = Field(
-        default=None, description="Prometheus metrics endpoint; absent = off."
+    health: HealthSettings = Field(
+        default_factory=HealthSettings, description="The hub.health.v1 message to the cloud."
     )
+    metrics: MetricsSettings | None = Field(default=None, description="Prometheus metrics endpoint; absent = off.")
     provisioning: Provisioning | None = Field(
         default=None, description="Fleet provisioning by claim, for `hub-gateway enroll`; absent = options only."
     )
@@ -300,6 +350,15 @@ class Settings(Strict):
         ids = [s.client_id for s in self.sources if s.client_id]
         if len(ids) != len(set(ids)):
             raise ValueError("two sources use the same client_id; each needs its own session")
+        return self
+
+    @model_validator(mode="after")
+    def _health_apart_from_readings(self) -> Settings:
+        if self.health.topic_for(self.gateway) == self.cloud.topic_for(self.gateway):
+            raise ValueError(
+                "health.topic is the readings topic (cloud.topic): the cloud tells health messages "
+                "from batches by topic, so the two must differ"
+            )
         return self
 
     def source_client_id(self, index: int) -> str:

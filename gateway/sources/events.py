@@ -237,7 +237,7 @@ def _enum_name(enum: Any, value: int) -> str:
 
 
 def _encoding_hint(kind: str, payload: bytes, encoding: str) -> str:
-    """"; this looks like protobuf: set ..." when the message is a well-formed event in the
+    """ "; this looks like protobuf: set ..." when the message is a well-formed event in the
     other encoding: ChirpStack's `json` setting and the source's `encoding` disagree, and every
     event of the site fails until they match."""
     if encoding == "json":

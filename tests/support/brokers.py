@@ -76,8 +76,12 @@ class BrokerError(RuntimeError):
 
 def find_mosquitto() -> str:
     """The mosquitto executable: $MOSQUITTO, then PATH, then /usr/sbin (not on a user's PATH)."""
-    for candidate in (os.environ.get("MOSQUITTO"), shutil.which("mosquitto"),
-                      "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+    for candidate in (
+        os.environ.get("MOSQUITTO"),
+        shutil.which("mosquitto"),
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise MosquittoNotFound(
@@ -187,8 +191,7 @@ class Mosquitto:
                     time.sleep(0.1)
                 continue
             raise BrokerError(
-                f"mosquitto did not start listening on {self.host}:{self.port} "
-                f"({outcome}).\n{self.diagnostics()}"
+                f"mosquitto did not start listening on {self.host}:{self.port} ({outcome}).\n{self.diagnostics()}"
             )
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -427,17 +430,19 @@ class Subscriber:
         if self.receive_maximum is not None:
             properties.ReceiveMaximum = self.receive_maximum
         self._client.connect(
-            self.broker.host, self.broker.port, keepalive=30,
-            clean_start=self.clean_start, properties=properties,
+            self.broker.host,
+            self.broker.port,
+            keepalive=30,
+            clean_start=self.clean_start,
+            properties=properties,
         )
         self._client.loop_start()
         with self._condition:
-            if not self._condition.wait_for(
-                lambda: self._subscribed or self._connect_reason is not None, timeout
-            ):
+            if not self._condition.wait_for(lambda: self._subscribed or self._connect_reason is not None, timeout):
                 self.close()
-                raise TimeoutError(f"{self.client_id}: no SUBACK within {timeout}s "
-                                   f"from {self.broker!r}\n{self.broker.log_tail()}")
+                raise TimeoutError(
+                    f"{self.client_id}: no SUBACK within {timeout}s from {self.broker!r}\n{self.broker.log_tail()}"
+                )
             if not self._subscribed:
                 self.close()
                 raise ConnectionError(f"{self.client_id}: {self._connect_reason}")
@@ -470,8 +475,7 @@ class Subscriber:
             if self._condition.wait_for(lambda: predicate(self._messages), timeout):
                 return list(self._messages)
             seen = [(m.topic, m.payload[:80]) for m in self._messages]
-        raise AssertionError(f"{self.client_id}: condition not met within {timeout}s; "
-                             f"received {seen}")
+        raise AssertionError(f"{self.client_id}: condition not met within {timeout}s; received {seen}")
 
     def wait_for_count(self, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:
         """Block until at least count messages have arrived; return them."""
@@ -487,8 +491,7 @@ class Subscriber:
         """Block until paho has reconnected and resubscribed, e.g. after broker.restart()."""
         with self._condition:
             if not self._condition.wait_for(lambda: self._subscriptions >= count, timeout):
-                raise TimeoutError(f"{self.client_id}: {self._subscriptions} of {count} "
-                                   f"connections within {timeout}s")
+                raise TimeoutError(f"{self.client_id}: {self._subscriptions} of {count} connections within {timeout}s")
 
     def sync(self, timeout: float = 5.0) -> list[ReceivedMessage]:
         """Round-trip to the broker; return everything it had sent before that.
@@ -513,8 +516,14 @@ class Subscriber:
 
     # paho callbacks, run on paho's network thread
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                    reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason.is_failure:
             with self._condition:
                 self._connect_reason = reason
@@ -523,8 +532,9 @@ class Subscriber:
         self.session_present = flags.session_present
         _, self._subscribe_mid = client.subscribe(self.topic_filter, qos=self.qos)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
-                      reasons: list[ReasonCode], properties: Properties | None) -> None:
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Properties | None
+    ) -> None:
         with self._condition:
             self._acked_barriers.add(mid)
             if any(r.is_failure for r in reasons):
@@ -534,8 +544,7 @@ class Subscriber:
                 self._subscriptions += 1
             self._condition.notify_all()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         props = message.properties
         received = ReceivedMessage(
             topic=message.topic,
@@ -555,9 +564,14 @@ class Subscriber:
             self._messages.append(received)
             self._condition.notify_all()
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any,
-                       flags: mqtt.DisconnectFlags, reason: ReasonCode,
-                       properties: Properties | None) -> None:
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         with self._condition:
             if not self._subscribed and reason.is_failure:
                 self._connect_reason = reason
@@ -590,19 +604,21 @@ def publishing(
 
     Each send returns once the broker has acknowledged it (QoS 1) or it was written (QoS 0).
     """
-    client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                         client_id=f"test-publisher-{os.getpid()}-{next(_client_numbers)}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"test-publisher-{os.getpid()}-{next(_client_numbers)}",
+        protocol=mqtt.MQTTv5,
+    )
     if broker.tls is not None:
         if client_cert is None:
             raise ValueError("a TLS broker needs client_cert")
-        client.tls_set(ca_certs=str(broker.tls.ca), certfile=str(client_cert.cert),
-                       keyfile=str(client_cert.key))
+        client.tls_set(ca_certs=str(broker.tls.ca), certfile=str(client_cert.cert), keyfile=str(client_cert.key))
     connected = threading.Event()
     connack: list[ReasonCode] = []
 
-    def on_connect(client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                   reason: ReasonCode, properties: Properties | None) -> None:
+    def on_connect(
+        client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         connack.append(reason)
         connected.set()
 
@@ -615,8 +631,7 @@ def publishing(
         if connack[0].is_failure:
             raise ConnectionError(f"publisher: CONNACK {connack[0]} from {broker!r}")
 
-        def send(topic: str, payload: bytes | str, *, qos: int = 1,
-                 properties: Properties | None = None) -> None:
+        def send(topic: str, payload: bytes | str, *, qos: int = 1, properties: Properties | None = None) -> None:
             info = client.publish(topic, payload, qos=qos, properties=properties)
             info.wait_for_publish(timeout)
             if not info.is_published():

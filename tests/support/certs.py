@@ -104,9 +104,7 @@ class CertAuthority:
         pair.cert.chmod(0o644)
         pair.key.unlink(missing_ok=True)
         os.close(os.open(pair.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        pair.key.write_bytes(
-            key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
+        pair.key.write_bytes(key.private_bytes(_PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         return pair
 
     def sign_csr(self, csr_pem: str, days: int = VALID_DAYS) -> str:
@@ -146,13 +144,29 @@ class CertAuthority:
             return pair
         csr = self.directory / f"{name}.csr"
         _new_key(pair.key)
-        _openssl("req", "-config", _cnf(self.directory), "-new", "-key", pair.key,
-                 "-subj", subject, "-out", csr)
-        _openssl("x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
-                 # A random serial, not -CAcreateserial: no shared .srl file to race on.
-                 "-set_serial", f"0x{secrets.token_hex(16)}", "-days", str(VALID_DAYS),
-                 "-sha256", "-extfile", _cnf(self.directory), "-extensions", extensions,
-                 "-out", pair.cert)
+        _openssl("req", "-config", _cnf(self.directory), "-new", "-key", pair.key, "-subj", subject, "-out", csr)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            self.cert,
+            "-CAkey",
+            self.key,
+            # A random serial, not -CAcreateserial: no shared .srl file to race on.
+            "-set_serial",
+            f"0x{secrets.token_hex(16)}",
+            "-days",
+            str(VALID_DAYS),
+            "-sha256",
+            "-extfile",
+            _cnf(self.directory),
+            "-extensions",
+            extensions,
+            "-out",
+            pair.cert,
+        )
         csr.unlink()
         pair.cert.chmod(0o644)
         return pair
@@ -190,8 +204,24 @@ def make_ca(directory: Path, name: str = "test-ca") -> CertAuthority:
     ca = CertAuthority(name, directory, directory / f"{name}.crt", directory / f"{name}.key")
     if not (ca.cert.exists() and ca.key.exists()):
         _new_key(ca.key)
-        _openssl("req", "-config", cnf, "-new", "-x509", "-key", ca.key, "-subj", f"/CN={name}",
-                 "-days", str(VALID_DAYS), "-sha256", "-extensions", "ca", "-out", ca.cert)
+        _openssl(
+            "req",
+            "-config",
+            cnf,
+            "-new",
+            "-x509",
+            "-key",
+            ca.key,
+            "-subj",
+            f"/CN={name}",
+            "-days",
+            str(VALID_DAYS),
+            "-sha256",
+            "-extensions",
+            "ca",
+            "-out",
+            ca.cert,
+        )
         ca.cert.chmod(0o644)
     return ca
 
@@ -216,8 +246,7 @@ def _new_key(path: Path) -> None:
     # not even for a moment under a permissive umask.
     path.unlink(missing_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{KEY_BITS}",
-             "-out", path)
+    _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{KEY_BITS}", "-out", path)
     path.chmod(0o600)
 
 

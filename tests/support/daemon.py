@@ -22,6 +22,9 @@ from tests.support.certs import TestCerts
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY_ID = "gw-test-01"
 TOPIC = "dt/hub/acme/leeds/gw-test-01/readings"
+HEALTH_TOPIC = "dt/hub/acme/leeds/gw-test-01/health"
+#: What the cloud side of the tests reads batches from: readings only, not health messages.
+READINGS_FILTER = "dt/hub/+/+/+/readings"
 
 
 class Daemon:
