@@ -355,6 +355,22 @@ def test_readings_leave_only_when_their_take_is_confirmed(make: Make) -> None:
     assert make().buffer.depth().total_readings == 0
 
 
+def test_oldest_unsent_skips_what_the_cloud_confirmed_before_its_deletion_is_committed(make: Make) -> None:
+    """A confirmed chunk is deleted by the next commit; until then it is not "unsent": the oldest
+    unsent age (health, metrics) is the next chunk's, or none."""
+    b = make(max_bytes=4096, gzip=False)
+    b.store([uplink(1, received_ms=1_000)])
+    first = b.take()
+    b.store([uplink(2, received_ms=5_000)])
+    assert first is not None and b.buffer.oldest_unsent_ms() == 1_001
+    first.take.confirm()
+    assert b.buffer.oldest_unsent_ms() == 5_002
+    second = b.take()
+    assert second is not None
+    second.take.confirm()
+    assert b.buffer.oldest_unsent_ms() is None
+
+
 def test_a_take_ends_exactly_once(make: Make) -> None:
     """A take that was confirmed cannot be confirmed, released or rejected again."""
     b = make()

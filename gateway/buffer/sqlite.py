@@ -228,10 +228,16 @@ class Buffer(Bounds):
         return self._room.free_space(self.path.parent)
 
     def oldest_unsent_ms(self) -> int | None:
-        """Receive time of the oldest reading not yet confirmed by the cloud (a read, no write)."""
+        """Receive time of the oldest reading not yet confirmed by the cloud (a read, no write).
+        Chunks confirmed but not yet deleted (the next commit deletes them) are skipped."""
         with self._lock:
-            row = self._db.execute("SELECT first_ms FROM chunks ORDER BY id LIMIT 1").fetchone()
-            return None if row is None else int(row[0])
+            confirmed = set(self._pending)
+            for chunk_id, first_ms in self._db.execute(
+                "SELECT id, first_ms FROM chunks ORDER BY id LIMIT ?", (len(confirmed) + 1,)
+            ):
+                if chunk_id not in confirmed:
+                    return int(first_ms)
+            return None
 
     @property
     def last_publish_ms(self) -> int | None:
