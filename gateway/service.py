@@ -414,7 +414,7 @@ class Service:
         )
         self.notifier.notify("STOPPING=1", f"STATUS=buffer damaged: {reason}"[:200])
         self._stop_intake_and_sources()
-        self.publisher.stop(timeout_s=1.0)
+        self.publisher.stop(timeout_s=1.0, send_will=True)
         try:
             mark_damaged(self.buffer.path, reason)
         except OSError:
@@ -429,7 +429,7 @@ class Service:
         log.critical("a worker thread died; stopping so systemd restarts the daemon", worker="intake")
         self.notifier.notify("STOPPING=1", "STATUS=intake thread died; restarting")
         self._stop_intake_and_sources()
-        self.publisher.stop(timeout_s=1.0)
+        self.publisher.stop(timeout_s=1.0, send_will=True)
         try:
             self.buffer.close()
         except Exception:
@@ -446,7 +446,7 @@ class Service:
         """
         self.notifier.notify("STOPPING=1", f"STATUS=buffer lost: {reason}"[:200])
         self._stop_intake_and_sources()
-        self.publisher.stop(timeout_s=1.0)
+        self.publisher.stop(timeout_s=1.0, send_will=True)
         rescued = self.buffer.rescue()  # fails, and returns None, where nothing can be written
         if rescued == self.buffer.path:
             log.critical(

@@ -41,7 +41,7 @@ class FakePublisher:
     def start(self) -> None:
         pass
 
-    def stop(self, timeout_s: float) -> None:
+    def stop(self, timeout_s: float, send_will: bool = False) -> None:
         pass
 
     def publish(self, batch: Batch, done: Done) -> None:

@@ -6,6 +6,7 @@ config/schema/hub.health.v1.json."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from gateway.buffer import now_ms
 from gateway.cloud import PublishResult
 from gateway.cloud.directory import DirectoryPublisher
 from tests.chirpstack import encode, topic, uplink_event
@@ -123,3 +125,44 @@ def test_a_directory_cloud_keeps_the_latest_state_beside_the_batches(tmp_path: P
     assert [r.ok for r in results] == [True, True]
     assert json.loads((tmp_path / "out" / "state" / "health.json").read_text()) == {"n": 2}
     assert list((tmp_path / "out").glob("*.json")) == []
+
+
+@pytest.mark.integration
+def test_a_daemon_that_stops_on_a_failure_leaves_its_will_to_be_published(
+    local_broker: Mosquitto, cloud_broker: Mosquitto, certs: TestCerts, tmp_path: Path
+) -> None:
+    """A stop on a failure (here the intake thread died: exit 1, systemd restarts) disconnects
+    "with will message": the cloud hears `offline` once the will delay passes without a new
+    connection, where a clean stop would have discarded the will."""
+    from functools import partial
+
+    from gateway.config import load_config
+    from gateway.service import EXIT_WORKER_DIED, Service
+    from gateway.sources import Delivery
+    from gateway.sources.events import parse_chirpstack
+
+    site = Daemon(  # only its gateway.yaml: the service runs in this process
+        tmp_path / "gw", local_broker, cloud_broker, certs, DEVICES, extra_yaml="health: {will_delay: 1s}\n"
+    )
+    service = Service(load_config(site.config), sources=[])
+    service.intake.add_parser("test", partial(parse_chirpstack, encoding="json"))
+
+    def broken_ack() -> None:
+        raise RuntimeError("client gone")
+
+    with Subscriber(
+        cloud_broker, HEALTH_TOPIC, client_id="health-watch", client_cert=certs.client("health-watch")
+    ) as watch:
+        runner = threading.Thread(target=service.run)
+        runner.start()
+        try:
+            watch.wait_for(lambda m: len(bodies(m)) >= 1, timeout=15)
+            event = encode(uplink_event(PRESS, press_frame(1), dedup_id="w-1"), "json")
+            service.intake.deliver(Delivery("test", topic(PRESS), event, now_ms(), broken_ack))
+            assert service.stopped.wait(30)
+        finally:
+            service.request_stop()
+            runner.join(10)
+        assert service.exit_code == EXIT_WORKER_DIED
+        offline = bodies(watch.wait_for(lambda m: any(b["status"] == "offline" for b in bodies(m)), timeout=15))[-1]
+    jsonschema.validate(offline, SCHEMA)

@@ -71,8 +71,9 @@ class Publisher(Protocol):
     def start(self) -> None:
         """Begin connecting (in the background)."""
 
-    def stop(self, timeout_s: float) -> None:
-        """Disconnect and release resources, waiting at most `timeout_s`."""
+    def stop(self, timeout_s: float, send_will: bool = False) -> None:
+        """Disconnect and release resources, waiting at most `timeout_s`. A clean stop discards
+        the will; `send_will` (a stop on a failure) asks the cloud to publish it after its delay."""
 
     @property
     def connected(self) -> bool:

@@ -27,8 +27,8 @@ class DirectoryPublisher:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.epoch += 1
 
-    def stop(self, timeout_s: float) -> None:
-        """Nothing to release."""
+    def stop(self, timeout_s: float, send_will: bool = False) -> None:
+        """Nothing to release (and no connection to leave a will on)."""
 
     @property
     def connected(self) -> bool:

@@ -103,10 +103,17 @@ class IotCorePublisher:
         """Begin connecting; the client reconnects by itself with jittered backoff."""
         self._client.start()
 
-    def stop(self, timeout_s: float) -> None:
-        """Disconnect cleanly and wait for the client to stop. The DISCONNECT says "normal"
-        explicitly: the broker then discards the will (a stop is not a vanished gateway)."""
-        self._client.stop(mqtt5.DisconnectPacket(reason_code=mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION))
+    def stop(self, timeout_s: float, send_will: bool = False) -> None:
+        """Disconnect and wait for the client to stop. The DISCONNECT says why explicitly
+        (awscrt's default sends no reason the broker takes as normal): "normal", and the broker
+        discards the will, for a clean stop; "with will message" for a stop on a failure, so the
+        cloud hears `offline` unless the restarted daemon is back within the will delay."""
+        reason = (
+            mqtt5.DisconnectReasonCode.DISCONNECT_WITH_WILL_MESSAGE
+            if send_will
+            else mqtt5.DisconnectReasonCode.NORMAL_DISCONNECTION
+        )
+        self._client.stop(mqtt5.DisconnectPacket(reason_code=reason))
         self._stopped.wait(timeout_s)
 
     @property
