@@ -84,6 +84,7 @@ class Health:
         started_ms: int,
         before: Mapping[str, tuple[int | None, int | None]] | None = None,
         clock: Callable[[], int] = now_ms,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reporter = reporter
         self.version = version
@@ -91,6 +92,10 @@ class Health:
         #: device -> (last seen ms, usual interval ms) as the buffer kept them before this start.
         self.before = dict(before or {})
         self._clock = clock
+        self._monotonic = monotonic
+        # Uptime runs on the monotonic clock: a wall-clock step (NTP on a Pi without an RTC)
+        # is not time the daemon ran. started_ms may lie before now (a caller's own start).
+        self._started_mono = monotonic() - max(0, clock() - started_ms) / 1000
         self.use(config)
         self._previous: Snapshot | None = None
         self._previous_devices: dict[str, tuple[int, int]] = {}
@@ -114,7 +119,7 @@ class Health:
 
         refusals = sum(s.refusals.values()) + s.publish_failures
         refusals_before = sum(previous.refusals.values()) + previous.publish_failures if previous else 0
-        uptime_s = max(0.0, (s.at_ms - self.started_ms) / 1000)
+        uptime_s = max(0.0, self._monotonic() - self._started_mono)
         devices, listed = self._devices(s, uptime_s)
         body: dict[str, Any] = {
             **_identity(settings),
