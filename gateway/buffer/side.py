@@ -160,14 +160,16 @@ class DeviceCounts:
         #: summed at the heartbeat, never per uplink.
         self.flushed: dict[str, list[int]] = {}
 
-    def of(self, device: str, sensor_id: str | None, at: int = 0) -> dict[str, Any]:
+    def of(self, device: str, sensor_id: str | None, at: int = 0, heard: bool = True) -> dict[str, Any]:
+        """The device's counters gathered since the last flush; `at` (receive ms) marks it heard,
+        unless `heard` is False (another ChirpStack tenant's uplink: not this device heard)."""
         d = self.pending.setdefault(
             device,
             {"sensor_id": sensor_id, "last": 0, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
         )
         d["last"] = max(d["last"], at)
         d["sensor_id"] = sensor_id or d["sensor_id"]
-        if at:
+        if at and heard:
             seen = self.heard.pop(device, None) or [sensor_id, 0, 0, None]
             seen[0] = sensor_id or seen[0]
             seen[1] = max(seen[1], at)

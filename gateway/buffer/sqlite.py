@@ -115,7 +115,8 @@ class Buffer(Bounds):
                     devices.outcome(d, "unmapped")
                 elif isinstance(o, ForeignTenant):
                     result.foreign += 1
-                    d = devices.of(str(o.uplink.device), o.sensor_id, o.uplink.received_ms)
+                    # Not this device heard: its health entry (last seen, silent) is its own tenant's.
+                    d = devices.of(str(o.uplink.device), o.sensor_id, o.uplink.received_ms, heard=False)
                     d["ft"] += 1
                     devices.outcome(d, "other tenant")
                 elif isinstance(o, DeviceLog):
