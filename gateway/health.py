@@ -219,6 +219,8 @@ class Health:
                 limit_s = overdue_after_s(interval_ms / 1000) if interval_ms else fallback_s
                 silent = (s.at_ms - heard.last_seen_ms) / 1000 > limit_s
             else:
+                if device in self._previous_devices:  # counted before: the next counts go on from there
+                    counts[device] = self._previous_devices[device]
                 readings = errors = 0
                 interval_ms, last_ms = interval_before, last_before
                 # Never heard since the start: silent once the daemon has been up for longer
@@ -316,14 +318,18 @@ class HealthSender:
 
         self.publisher.publish_state(self.topic, payload, CONTENT_TYPE, done)
 
-    def stop(self, deadline: float) -> None:
-        """At a clean stop: publish `stopped` and wait (until `deadline`, monotonic) for its answer."""
+    def stop(self, deadline: float) -> bool:
+        """At a clean stop: publish `stopped` and wait (until `deadline`, monotonic) for its
+        answer. True when the cloud accepted it; otherwise the publisher should stop with its
+        will, or the running gateway's `online` stays the retained state."""
         if not self.publisher.connected:
-            return
+            return False
         answered = threading.Event()
+        sent = self.sent
         try:
             self.send("stopped", answered)
         except Exception:  # the stop goes on whatever the health message does
             log.exception("cannot publish the stopped health message")
-            return
+            return False
         answered.wait(max(0.0, min(STOP_WAIT_S, deadline - self._monotonic())))
+        return answered.is_set() and self.sent > sent

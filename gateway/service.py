@@ -156,8 +156,11 @@ class Service:
         self.reporter = Reporter(self.buffer, self.intake.stats, self.dispatcher, self.publisher)
         # What the buffer kept of each device before this start: a device not heard since is
         # judged silent by its own usual interval, not the moment the daemon starts.
+        # A device whose last uplink was another ChirpStack tenant's was not heard: no last seen.
         before = {
-            d["device"]: (d["last_seen_ms"] or None, d["interval_ms"]) for d in view.read(self.buffer.path)["devices"]
+            d["device"]: (d["last_seen_ms"] or None, d["interval_ms"])
+            for d in view.read(self.buffer.path)["devices"]
+            if d["last_outcome"] != "other tenant"
         }
         self.health = Health(config, self.reporter, version=version(), started_ms=self.started_ms, before=before)
         self.health_sender = HealthSender(self.health, self.publisher, health_topic, s.health.interval)
@@ -572,11 +575,15 @@ class Service:
             self.dispatcher.flush(deadline)
         except (sqlite3.DatabaseError, DiskFullError) as exc:
             log.error("cannot flush the buffer while stopping; unsent readings stay stored", error=str(exc))
+        stopped_said = False
         try:  # the retained health message says the gateway stopped on purpose
-            self.health_sender.stop(deadline)
+            stopped_said = self.health_sender.stop(deadline)
         except Exception:
             log.exception("cannot publish the stopped health message")
-        self.publisher.stop(timeout_s=max(0.1, deadline - time.monotonic()))
+        # Unless `stopped` was accepted (a backlog drain may hold it behind paced batches), the
+        # DISCONNECT asks for the will (`offline`): a clean DISCONNECT would discard it and leave
+        # the running gateway's `online` retained.
+        self.publisher.stop(timeout_s=max(0.1, deadline - time.monotonic()), send_will=not stopped_said)
         try:
             self.dispatcher.collect_results()
         except sqlite3.DatabaseError as exc:

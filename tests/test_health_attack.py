@@ -128,6 +128,29 @@ def test_another_tenants_uplinks_do_not_make_a_silent_device_look_heard(tmp_path
         service.buffer.close()
 
 
+def test_after_a_restart_another_tenants_uplink_is_still_not_this_device_heard(tmp_path: Path) -> None:
+    """What the buffer kept from before a restart: a device whose last uplink was another
+    tenant's has no last_seen in the new run's health message, and is silent once overdue."""
+    cfg = site(tmp_path, 1)
+    maps = tmp_path / "devices" / "site.yaml"
+    maps.write_text(
+        maps.read_text().replace("    codec: osm-v2\n", f"    codec: osm-v2\n    chirpstack_tenant_id: {OURS}\n")
+    )
+    service = Service(load_config(cfg), sources=[])
+    t = now_ms()
+    theirs = Uplink("chirpstack/other-2", dev(1), b"\x02CC1\x00\x01\x02\x01\x00", t, t, f_port=1, network_tenant=THEIRS)
+    service.buffer.store([resolve(theirs, service.config.devices)])
+    service.buffer.heartbeat()
+    service.buffer.close()
+    again = Service(load_config(cfg), sources=[])
+    try:
+        late = Health(again.config, again.reporter, version="1", started_ms=t - 60 * MINUTE, before=again.health.before)
+        (entry,) = late.message("online")["devices"]["list"]
+        assert entry["last_seen"] is None and entry["silent"]
+    finally:
+        again.buffer.close()
+
+
 def test_a_flood_of_unmapped_devices_does_not_forget_a_mapped_one(tmp_path: Path) -> None:
     """The buffer remembers the last HEARD_KEPT devices heard; unmapped ones (other applications'
     devices on the same ChirpStack, random ids) count too. Over 5000 of them heard since a mapped

@@ -175,8 +175,19 @@ class DeviceCounts:
             seen[1] = max(seen[1], at)
             self.heard[device] = seen  # most recently heard last: the oldest go first
             if len(self.heard) > HEARD_KEPT:
-                del self.heard[next(iter(self.heard))]
+                self._forget_one()
         return d
+
+    def _forget_one(self) -> None:
+        """Past HEARD_KEPT: forget the device heard longest ago that no map names (a flood of
+        strangers' ids must not push out the site's own devices), else the oldest of all. The
+        site's devices are few, so the scan passes over at most that many."""
+        victim = next(iter(self.heard))
+        for device, seen in self.heard.items():
+            if seen[0] is None:
+                victim = device
+                break
+        del self.heard[victim]
 
     def outcome(self, d: dict[str, Any], what: str, dead_letter: str | None = None) -> None:
         """What the device's newest uplink became (and, for a dead letter, why)."""
