@@ -262,3 +262,13 @@ def test_health_topic_must_be_a_real_topic_apart_from_the_readings(tmp_path: Pat
         HealthSettings(topic="$aws/rules/health/{gateway_id}")
     with pytest.raises(ConfigError, match=r"health\.topic"):
         load_config(site(tmp_path, 1, 'health: {topic: "dt/hub/{tenant_id}/{site_id}/{gateway_id}/readings"}\n'))
+
+
+def test_a_topic_too_long_once_the_ids_are_filled_in_is_refused(tmp_path: Path) -> None:
+    """The template is checked alone; with a 63-character gateway id and 50-character tenant and
+    site ids it may pass IoT Core's 256 bytes: `check` says so before a connection is refused."""
+    cfg = site(tmp_path, 1, 'health: {topic: "' + "h" * 150 + '/{tenant_id}/{site_id}/{gateway_id}"}\n')
+    long_ids = f"{{id: {'g' * 63}, tenant_id: {'t' * 50}, site_id: {'s' * 50}}}"
+    cfg.write_text(cfg.read_text().replace("{id: gw-acme-leeds-01, tenant_id: acme, site_id: leeds}", long_ids))
+    with pytest.raises(ConfigError, match=r"health\.topic is 316 bytes"):
+        load_config(cfg)

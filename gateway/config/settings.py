@@ -15,6 +15,8 @@ from gateway.config.types import Duration, GatewayId, RelPath, Size, Strict, Ten
 # for them (topic <= 256 bytes, content type, user properties, expiry).
 MAX_MESSAGE_BYTES = 128 * 1024
 HEADROOM_BYTES = 2 * 1024
+#: IoT Core's limit on a topic name, in bytes.
+MAX_TOPIC_BYTES = 256
 _TOPIC_FIELDS = ("tenant_id", "site_id", "gateway_id")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
@@ -280,7 +282,7 @@ class HealthSettings(Strict):
     )
     will_delay: Duration = Field(
         default=120.0,
-        ge=0.0,
+        ge=1.0,
         le=3600.0,
         description="How long the cloud waits after the connection is lost before it publishes the "
         "retained offline message: a reconnect within it sends nothing.",
@@ -354,6 +356,15 @@ class Settings(Strict):
 
     @model_validator(mode="after")
     def _health_apart_from_readings(self) -> Settings:
+        for name, filled in (
+            ("cloud.topic", self.cloud.topic_for(self.gateway)),
+            ("health.topic", self.health.topic_for(self.gateway)),
+        ):
+            if len(filled.encode()) > MAX_TOPIC_BYTES:
+                raise ValueError(
+                    f"{name} is {len(filled.encode())} bytes with this gateway's ids filled in "
+                    f"({filled}); IoT Core takes at most {MAX_TOPIC_BYTES}"
+                )
         if self.health.topic_for(self.gateway) == self.cloud.topic_for(self.gateway):
             raise ValueError(
                 "health.topic is the readings topic (cloud.topic): the cloud tells health messages "
