@@ -50,12 +50,13 @@ command -v "$python" >/dev/null || {
     apt-get update -qq && apt-get install -y -qq python3
 }
 # One call: a 64-bit kernel can run a 32-bit userland (Raspberry Pi OS 32-bit boots a 64-bit kernel
-# on a Pi 4 or 5, so uname says aarch64 while Python is armv7l), and only Python's view counts.
+# on a Pi 4 or 5, so uname says aarch64 while Python's pointers are 32-bit). sysconfig's platform
+# repeats the kernel's machine name; the pointer size is what tells the userland.
 read -r py_platform py_bits py_version <<<"$("$python" -c \
     'import struct, sys, sysconfig; print(sysconfig.get_platform(), struct.calcsize("P") * 8, "%d.%d" % sys.version_info[:2])')"
 case "$py_platform $py_bits" in
     "linux-x86_64 64"|"linux-aarch64 64") ;;
-    *) die "$python is $py_platform ($py_bits-bit) on a $machine kernel: a 32-bit userland is not supported
+    *) die "$python is a $py_bits-bit program ($py_platform) on a $machine kernel: a 32-bit userland is not supported
 (no awscrt wheel; pip would try to compile it). Install the 64-bit edition of the OS." ;;
 esac
 case "$py_version" in
@@ -143,7 +144,7 @@ install -d -m 0755 /etc/hub-gateway /etc/hub-gateway/devices /etc/hub-gateway/sc
 install -d -m 0750 -o root -g hub-gateway /etc/hub-gateway/certs
 # The unit's StateDirectory would make it at the first start; made now, `check` as the service
 # user passes before that start.
-install -d -m 0700 -o hub-gateway -g hub-gateway /var/lib/hub-gateway
+install -d -m 0750 -o hub-gateway -g hub-gateway /var/lib/hub-gateway  # as the unit's StateDirectoryMode
 [ -e /etc/hub-gateway/gateway.yaml ] || install -m 0644 "$src/config/gateway.yaml" /etc/hub-gateway/gateway.yaml
 install -m 0644 "$src"/config/schema/*.json /etc/hub-gateway/schema/
 if cmp -s "$src/config/devices/example.yaml" /etc/hub-gateway/devices/example.yaml; then
