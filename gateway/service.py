@@ -45,6 +45,11 @@ from gateway.watch import WatchServer, socket_path
 log = structlog.get_logger("gateway.service")
 
 STOP_BUDGET_S = 5.0
+#: The main loop sleeps at most this long: what it polls (the cloud link coming up, a clock
+#: step) is seen within it; everything else wakes it or has a deadline it sleeps until.
+MAX_TURN_S = 1.0
+#: The sleep when something is due that the last turn could not do.
+RETRY_TURN_S = 0.25
 BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
 #: The buffer's heartbeat (device counters and totals for `status`) is a write to flash: once a
@@ -279,8 +284,9 @@ class Service:
             threading.Thread(target=self._check_integrity, name="integrity-check", daemon=True).start()
         next_bounds = next_status = next_watchdog = next_heartbeat = next_details = time.monotonic()
         wall_minus_mono = time.time() - time.monotonic()
+        wait_s = 0.0
         while not self._stop.is_set():
-            self._wake.wait(0.25)
+            self._wake.wait(wait_s)
             self._wake.clear()
             now = time.monotonic()
             if not self.intake.alive:
@@ -334,6 +340,10 @@ class Service:
                 self.notifier.notify("WATCHDOG=1")
             if progress is not None:
                 progress(self)
+            timers = [next_bounds, next_status, next_heartbeat]
+            if self.notifier.watchdog_interval_s is not None:
+                timers.append(next_watchdog)
+            wait_s = self._sleep_for(timers)
         if self._lost is not None:
             self._stop_lost(self._lost)
             return
@@ -341,6 +351,21 @@ class Service:
             self._stop_damaged(self._damage)
             return
         self._shutdown()
+
+    def _sleep_for(self, timers: list[float]) -> float:
+        """Seconds the main loop may sleep: until the first of its timers (monotonic times) or
+        of the dispatcher's and the buffer's own deadlines, at most MAX_TURN_S. Commits, publish
+        results, signals and a dead worker wake it sooner; at a site's steady load it turns
+        about once a commit, not four times a second."""
+        now = time.monotonic()
+        waits = [MAX_TURN_S, *(t - now for t in timers)]
+        for due in (self.dispatcher.due_in(), self.buffer.settle_due_in()):
+            if due is not None:
+                waits.append(due)
+        wait = min(waits)
+        # Due already: what this turn could not do (a write the disk refused, a batch with no
+        # slot). Retried after a short sleep, not in a busy loop.
+        return wait if wait > 0 else RETRY_TURN_S
 
     def _buffer_error(self, exc: sqlite3.DatabaseError | DiskFullError) -> None:
         """The main loop could not use the buffer: damaged (stop), or full/failing (retry)."""

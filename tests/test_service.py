@@ -80,3 +80,29 @@ def test_a_dead_intake_thread_stops_the_daemon_with_a_failure_exit(tmp_path: Pat
     runner.join(10)
     assert service.exit_code == EXIT_WORKER_DIED
     assert isinstance(service.intake.died, RuntimeError)
+
+
+def test_an_idle_main_loop_sleeps_until_its_next_deadline_and_still_stops_at_once(tmp_path: Path) -> None:
+    """With nothing to do, the main loop turns about once a second (MAX_TURN_S), not four
+    times, since every turn costs the daemon CPU; a stop request still wakes it at once."""
+    import itertools
+    import time
+
+    from gateway.service import MAX_TURN_S
+
+    service = Service(load_config(directory_site(tmp_path)), sources=[])
+    turns: list[float] = []
+    runner = threading.Thread(target=service.run, kwargs={"progress": lambda s: turns.append(time.monotonic())})
+    runner.start()
+    try:
+        time.sleep(4.0)
+    finally:
+        asked = time.monotonic()
+        service.request_stop()
+        assert service.stopped.wait(10)
+        runner.join(10)
+    stopped_in = time.monotonic() - asked
+    gaps = [b - a for a, b in itertools.pairwise(turns[1:])]  # after the first turns at start
+    assert len(turns) <= 4.0 / MAX_TURN_S + 3
+    assert gaps and min(gaps) >= 0.2, gaps
+    assert stopped_in < 3.0
