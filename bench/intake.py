@@ -38,7 +38,11 @@ and no unmapped uplink, and the local broker's log no "dropped". A shortfall sto
 With --py-spy (path of a py-spy executable, e.g. from a scratch venv: it is not a project
 dependency), (a) runs once more with the daemon sampled during the burst (`py-spy record --gil`:
 where its Python CPU goes) and prints the share per thread and the top 15 functions by own
-samples; that run carries the sampler's overhead and is left out of the medians.
+samples; that run carries the sampler's overhead and is left out of the medians. (c) then also
+prints the daemon's CPU per thread over its window (/proc/PID/task, named by `py-spy dump`;
+native threads such as awscrt's are unnamed), and runs once more under the sampler at 1000 Hz
+(`--nonblocking`: the daemon is not paused for each sample, which at this rate would multiply
+its CPU; stacks may then be slightly inconsistent).
 
 Needs the project importable, Mosquitto installed, and --dir (default a temporary directory
 under /var/tmp) on a real disk: the buffer fsyncs as in production.
@@ -51,6 +55,7 @@ import collections
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -100,6 +105,8 @@ PUBLISH_QUEUE = 1000
 PRODUCTION_BATCH = "{max_delay: 5s, max_bytes: 120KiB, compression: gzip}"
 POLL_S = 0.05
 PROFILE_TOP = 15
+#: (c) uses about 1% of a core: a higher rate than (a)'s for enough samples in its window.
+PROFILE_RATE_C = 1000
 
 Message = tuple[str, bytes]
 
@@ -181,9 +188,20 @@ def pid_of(daemon: Daemon) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+    return cpu_seconds_of(Path(f"/proc/{pid}/stat"))
+
+
+def cpu_seconds_of(stat: Path) -> float:
+    """utime + stime in a /proc stat file (of a process or of one of its threads), in seconds."""
+    return sum(user_system_of(stat))
+
+
+def user_system_of(stat: Path) -> tuple[float, float]:
+    """utime and stime in a /proc stat file, in seconds (fields 14 and 15)."""
+    text = stat.read_text()
     fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 is fields[0]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def committed_uplinks(buffer: Path) -> int:
@@ -482,11 +500,12 @@ class Sampler:
 
     RATE = 200
 
-    def __init__(self, py_spy: str, pid: int, out: Path) -> None:
+    def __init__(self, py_spy: str, pid: int, out: Path, rate: int = RATE, nonblocking: bool = False) -> None:
         self.out = out
+        self.rate = rate
         self.process = subprocess.Popen(
-            [py_spy, "record", "--pid", str(pid), "--rate", str(self.RATE), "--format", "raw", "--gil",
-             "--threads", "--function", "--output", str(out)],
+            [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--gil",
+             "--threads", "--function", "--output", str(out), *(["--nonblocking"] if nonblocking else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         time.sleep(1.0)  # attached before the burst starts
@@ -516,13 +535,30 @@ class Sampler:
                 total[frame] += count
         if not samples:
             return ["py-spy: no samples"]
-        lines = [f"py-spy --gil: {samples:,} samples over {seconds:.1f} s at {self.RATE} Hz: the GIL was held "
-                 f"{samples / (seconds * self.RATE):.0%} of the time; by thread:"]
+        lines = [f"py-spy --gil: {samples:,} samples over {seconds:.1f} s at {self.rate} Hz: the GIL was held "
+                 f"{samples / (seconds * self.rate):.1%} of the time; by thread:"]
         lines += [f"  thread {name:<44} {n / samples:6.1%}" for name, n in threads.most_common()]
         lines.append(f"  {'own':>6} {'total':>6}  function (file:first line), top {PROFILE_TOP} by own samples")
         for frame, n in own.most_common(PROFILE_TOP):
             lines.append(f"  {n / samples:6.1%} {total[frame] / samples:6.1%}  {frame}")
         return lines
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """utime and stime of each thread of a process, in seconds, by thread id."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = user_system_of(task / "stat")
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+    return out
+
+
+def thread_names(py_spy: str, pid: int) -> dict[int, str]:
+    """Python thread names by thread id (`py-spy dump` prints both); native threads are absent."""
+    text = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30).stdout
+    return {int(tid): name for tid, name in re.findall(r'^Thread (\d+) \(\w+\): "(.*)"', text, re.MULTILINE)}
 
 
 def _short(frame: str) -> str:
@@ -636,8 +672,18 @@ def _print_run(tag: str, run: BurstRun) -> None:
           f"{run.cpu / run.daemon.seconds:.0%} of a core); ratio {run.ratio:.2f}", flush=True)
 
 
-def part_cpu(where: Path, certs: TestCerts, seconds: float, warmup: float) -> None:
-    """(c): the daemon's CPU at the seed site's load."""
+def part_cpu(where: Path, certs: TestCerts, seconds: float, warmup: float, py_spy: str | None) -> None:
+    """(c): the daemon's CPU at the seed site's load; with py_spy, also its CPU per thread over
+    the same window, then one more run under the sampler (printed apart)."""
+    cpu_once(where / "run", certs, seconds, warmup, py_spy, profile=False)
+    if py_spy:
+        cpu_once(where / "profiled", certs, seconds, warmup, py_spy, profile=True)
+
+
+def cpu_once(where: Path, certs: TestCerts, seconds: float, warmup: float, py_spy: str | None,
+             profile: bool) -> None:
+    """One run of (c); `profile`: under `py-spy record --gil` (its overhead included)."""
+    tag = "(c) under py-spy" if profile else "(c) seed site   "
     with rig(where, certs) as r:
         daemon = make_daemon(r, site_devices_yaml())
         cloud = CloudRows(r, "cloud-reader-c")
@@ -653,12 +699,19 @@ def part_cpu(where: Path, certs: TestCerts, seconds: float, warmup: float) -> No
                 site = SimulatedSite(deliver)
                 site.start()
                 time.sleep(warmup)
+                sampler = None
+                if profile and py_spy:
+                    sampler = Sampler(py_spy, pid, where / "py-spy.txt", rate=PROFILE_RATE_C, nonblocking=True)
+                threads0 = thread_cpu(pid)
                 cpu0, up0, t0 = cpu_seconds(pid), committed_uplinks(buffer), time.monotonic()
                 end = t0 + seconds
                 while time.monotonic() < end:
                     cloud.poll()
                     time.sleep(min(1.0, max(0.0, end - time.monotonic())))
                 cpu1, up1, t1 = cpu_seconds(pid), committed_uplinks(buffer), time.monotonic()
+                threads1 = thread_cpu(pid)
+                profile_lines = sampler.stop() if sampler else []
+                names = thread_names(py_spy, pid) if py_spy and not profile else {}
                 site.stop()
             time.sleep(6.0)  # the last readings of the window leave within max_delay
             cloud.poll()
@@ -673,10 +726,22 @@ def part_cpu(where: Path, certs: TestCerts, seconds: float, warmup: float) -> No
             cloud.close()
             daemon.close()
     share = (cpu1 - cpu0) / (t1 - t0)
-    print(f"(c) seed site    daemon CPU      {share:10.2%} of one core  (target <= 1%: "
+    print(f"{tag} daemon CPU      {share:10.2%} of one core  (target <= 1%: "
           f"{'met' if share <= 0.01 else 'MISSED'}; {cpu1 - cpu0:.2f} s CPU over {t1 - t0:.0f} s after "
           f"{warmup:.0f} s warm-up; {(up1 - up0) / (t1 - t0):.1f} uplinks/s committed, "
           f"{cloud.rows_between(t0, t1) / (t1 - t0):.1f} readings/s at the stand-in)", flush=True)
+    if names:
+        used = {
+            tid: (user - threads0.get(tid, (0.0, 0.0))[0], system - threads0.get(tid, (0.0, 0.0))[1])
+            for tid, (user, system) in threads1.items()
+        }
+        print(f"{tag} CPU by thread over the window (native threads unnamed):", flush=True)
+        for tid, (user, system) in sorted(used.items(), key=lambda item: -sum(item[1])):
+            if user + system > 0:
+                print(f"{tag}   {names.get(tid, f'native {tid}'):<40} {(user + system) / (t1 - t0):7.2%} of one "
+                      f"core (user {user / (t1 - t0):.2%}, system {system / (t1 - t0):.2%})", flush=True)
+    for line in profile_lines:
+        print(f"{tag} {line}", flush=True)
 
 
 def part_catch_up(where: Path, certs: TestCerts, n: int) -> None:
@@ -734,7 +799,7 @@ def main() -> None:
     parser.add_argument("--catch-up", type=int, default=100_000, help="uplinks queued for (d)")
     parser.add_argument("--only", default="a,b,c,d", help="comma-separated parts to run")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (kept if given)")
-    parser.add_argument("--py-spy", default=None, help="py-spy executable: profile the daemon during (a)")
+    parser.add_argument("--py-spy", default=None, help="py-spy executable: profile the daemon during (a) and (c)")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     if not parts <= {"a", "b", "c", "d"}:
@@ -747,7 +812,7 @@ def main() -> None:
         if "b" in parts:
             part_burst(base / "b", certs, args.uplinks, "protobuf", args.repeat, None)
         if "c" in parts:
-            part_cpu(base / "c", certs, args.seconds, args.warmup)
+            part_cpu(base / "c", certs, args.seconds, args.warmup, args.py_spy)
         if "d" in parts:
             part_catch_up(base / "d", certs, args.catch_up)
     except BenchError as error:

@@ -153,6 +153,13 @@ class Batcher:
             return False
         return waited >= max_delay_s or self.buffer.depth(live=True).bytes * self._ratio >= self.max_bytes * 0.9
 
+    def live_due_in(self, max_delay_s: float) -> float | None:
+        """Seconds until the oldest live reading has waited `max_delay_s` (0: it has); None when
+        no live reading waits. (Live readings that fill a message are due at the commit that
+        brought them, which the caller learns of by itself.)"""
+        waited = self.buffer.live_waited()
+        return None if waited is None else max(0.0, max_delay_s - waited)
+
     def form(self, live: bool) -> Batch | None:
         """The next message, live or backlog; a released take comes back with its same bytes.
 

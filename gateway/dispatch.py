@@ -113,6 +113,9 @@ class Dispatcher:
         self._summary_from = clock()
         #: The last publish the cloud did not accept: at_ms, reason, reason_code (for `status`).
         self.last_refusal: dict[str, object] | None = None
+        #: True from before a live batch is formed until every formed batch is recorded: a
+        #: commit then has given `publish_due` something to send. Read by intake's thread.
+        self.awaiting_commit = False
 
     # ---- what the service asks ---------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class Dispatcher:
         # recorded: live ones ride on intake's next commit (or `settle`, a second later); a
         # drain waits for nobody and records its batches at once.
         if self.batcher.live_due(self.max_delay_s):
+            self.awaiting_commit = True  # before the take exists: a commit may record it at once
             while self._unsent(live=True) + len(self._flying) < limit and len(self._lives) < self.held_max:
                 batch = self.batcher.form(live=True)
                 if batch is None:
@@ -177,6 +181,25 @@ class Dispatcher:
             life = self._lives[seq]
             if len(self._flying) < (limit if life.batch.take.live else backlog_slots):
                 self._send_waiting(seq, now)
+        self.awaiting_commit = any(not life.batch.take.recorded for life in self._lives.values())
+
+    def due_in(self) -> float | None:
+        """Seconds until `publish_due` has work that no event brings (0: now): live readings
+        reaching `max_delay`, a refused batch's backoff or the pause ending. None when only an
+        event can bring work: a commit (new readings, a take recorded), a publish result, or the
+        link coming up (the caller looks at it now and then)."""
+        if not self.publisher.connected or len(self._flying) >= self.max_in_flight:
+            return None  # a result frees a slot, and wakes the caller
+        now = self._clock()
+        due: list[float | None] = [
+            life.not_before - now for life in self._lives.values() if life.stage is Stage.BACKING_OFF
+        ]
+        if self._unsent(live=True) + len(self._flying) < self.max_in_flight and len(self._lives) < self.held_max:
+            due.append(self.batcher.live_due_in(self.max_delay_s))
+        times = [t for t in due if t is not None]
+        if not times:
+            return None
+        return max(0.0, min(times), self._paused_until - now)
 
     def _unsent(self, live: bool) -> int:
         """Batches formed and queued, not yet sent (backing off ones are not counted)."""

@@ -284,6 +284,13 @@ class HealthSender:
         self.sent = 0
         self.failed = 0
 
+    def due_at(self) -> float | None:
+        """When the next message is due (monotonic), while connected; None while not (the
+        connection coming up is what makes one due then)."""
+        if not self.publisher.connected:
+            return None
+        return self._next if self.publisher.epoch == self._epoch else self._monotonic()
+
     def tick(self) -> None:
         """Publish at a new connection, and every interval while connected."""
         if not self.publisher.connected:

@@ -10,7 +10,6 @@ acknowledged only after the transaction holding what it carried has committed.
 from __future__ import annotations
 
 import hashlib
-import queue
 import re
 import sqlite3
 import threading
@@ -26,6 +25,7 @@ from gateway.buffer import Buffer, Record, StoreResult, is_damage, is_storage_fa
 from gateway.config.devices import DeviceMap
 from gateway.devices import resolve
 from gateway.errors import BufferFullError, BufferLostError, DiskFullError, EventError
+from gateway.inbox import Inbox, Limits
 from gateway.model import DeadLetter, DecodedUplink, DeviceKey, DeviceLog, ForeignTenant, Outcome, Unmapped
 from gateway.sources import Delivery, Parser
 from gateway.sources.events import Ignored
@@ -46,6 +46,7 @@ MAX_GROUP_READINGS = 50_000
 #: (the broker holds what it has not sent us; QoS 0 floods are the broker's to drop).
 MAX_QUEUED_BYTES = 32 * 1024**2
 MESSAGE_OVERHEAD = 512  # bytes of Python objects per queued message besides payload and topic
+GROUP_LIMITS = Limits(messages=MAX_GROUP, bytes=MAX_GROUP_BYTES, per_source=COMMIT_AT_UNACKED)
 RETRY_S = 1.0
 #: Devices no map names, or of another tenant, are logged by name the first time (up to this
 #: many); after that only a summary line every SUMMARY_EVERY_S says how many more came.
@@ -55,7 +56,6 @@ DEAD_LETTERS_NAMED = 5  # per commit group, each with its device and reason; the
 #: A metric override that no decoded uplink of its device matched this many times in a row,
 #: since start or reload, is flagged (a typo such as CCl for CC1 would otherwise pass for ever).
 OVERRIDE_FLAG_AFTER = 20
-_WAKE = object()  # queued by stop(): end the commit window now
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,9 @@ class Intake:
         self._parsers = dict(parsers)
         #: max_message_size by source name, for the dead letter of an oversized message.
         self._max_sizes: dict[str, int] = {}
-        self._queue: queue.Queue[Delivery | object] = queue.Queue()
+        #: Deliveries waiting, taken in groups: the intake thread wakes once a group.
+        self._inbox = Inbox(GROUP_LIMITS, MAX_QUEUED_BYTES, _weight)
         self._stopping = threading.Event()
-        self._room = threading.Condition()
-        self._queued_bytes = 0
         #: Reload work in steps of one page (`_after_reload`), done between groups.
         self._jobs: deque[Iterator[None]] = deque()
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
@@ -152,20 +151,7 @@ class Intake:
     def deliver(self, delivery: Delivery) -> None:
         """Called by sources from their network threads: queue the message, waiting while the
         queue holds MAX_QUEUED_BYTES already (back-pressure instead of unbounded memory)."""
-        size = _weight(delivery)
-        with self._room:
-            while self._queued_bytes > MAX_QUEUED_BYTES and not self._stopping.is_set():
-                self._room.wait(0.5)
-            if self._stopping.is_set():
-                return
-            self._queued_bytes += size
-        self._queue.put(delivery)
-
-    def _taken(self, size: int) -> None:
-        """A group of `size` bytes left the queue: sources waiting for room may go on."""
-        with self._room:
-            self._queued_bytes -= size
-            self._room.notify_all()
+        self._inbox.put(delivery)
 
     def start(self) -> None:
         """Start the intake thread."""
@@ -174,7 +160,7 @@ class Intake:
     def stop(self, timeout_s: float) -> None:
         """Finish the group being committed (and ack it), leave the rest to the broker."""
         self._stopping.set()
-        self._queue.put(_WAKE)
+        self._inbox.close()  # ends the commit window now
         self._thread.join(timeout_s)
 
     @property
@@ -192,44 +178,15 @@ class Intake:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            try:
-                first = self._queue.get(timeout=0 if self._jobs else 0.2)
-            except queue.Empty:
-                self._step_jobs()
-                continue
-            if first is _WAKE:
-                continue
-            if isinstance(first, _Reload):
-                self._switch(first.devices)
-                continue
-            assert isinstance(first, Delivery)
-            group: list[Delivery] = [first]
-            weight = _weight(first)
-            reload: _Reload | None = None
-            window_ends = time.monotonic() + self.commit_interval_s
-            # A source with many deliveries unacked gets nothing more once they reach its
-            # Receive Maximum: waiting out the window then only idles. Commit before that.
-            unacked = {first.source_name: 1}
-            while len(group) < MAX_GROUP and weight < MAX_GROUP_BYTES and max(unacked.values()) < COMMIT_AT_UNACKED:
-                wait = window_ends - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _WAKE:
-                    break
-                if isinstance(item, _Reload):
-                    reload = item  # after this group: it was taken under the maps it came with
-                    break
-                assert isinstance(item, Delivery)
-                group.append(item)
-                weight += _weight(item)
-                unacked[item.source_name] = unacked.get(item.source_name, 0) + 1
-            self._taken(weight)
+            # A group is what arrives within the commit window of its first message, ended early
+            # by a reload or a limit: a source with COMMIT_AT_UNACKED deliveries unacked gets
+            # nothing more once they reach its Receive Maximum, so waiting out the window would
+            # only idle.
+            group, control = self._inbox.take(self.commit_interval_s, wait_s=0 if self._jobs else None)
             while group:  # decoded and committed in parts of at most MAX_GROUP_READINGS
                 group = self._commit(group)
-            if reload is not None:
-                self._switch(reload.devices)
+            if isinstance(control, _Reload):
+                self._switch(control.devices)  # after the group: it was taken under the maps it came with
             self._step_jobs()  # reload work, one page between groups
 
     def _commit(self, group: list[Delivery]) -> list[Delivery]:
@@ -496,7 +453,7 @@ class Intake:
         dead letters of every device whose entry changed and replays kept uplinks of newly
         mapped devices, a page at a time between groups, so intake and the main loop never
         wait for it and a stop ends it."""
-        self._queue.put(_Reload(devices))
+        self._inbox.put_control(_Reload(devices))
 
     def _switch(self, devices: DeviceMap) -> None:
         """On the intake thread, between groups: the new maps, and the work they bring."""

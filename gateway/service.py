@@ -9,6 +9,7 @@ the bounds, the status line and the watchdog.
 from __future__ import annotations
 
 import functools
+import math
 import signal
 import sqlite3
 import threading
@@ -48,6 +49,11 @@ from gateway.watch import WatchServer, socket_path
 log = structlog.get_logger("gateway.service")
 
 STOP_BUDGET_S = 5.0
+#: The main loop sleeps at most this long: what it polls (the cloud link coming up, a clock
+#: step) is seen within it; everything else wakes it or has a deadline it sleeps until.
+MAX_TURN_S = 1.0
+#: The sleep when something is due that the last turn could not do.
+RETRY_TURN_S = 0.25
 BOUNDS_EVERY_S = 5.0
 STATUS_EVERY_S = 10.0
 #: The buffer's heartbeat (device counters and totals for `status`) is a write to flash: once a
@@ -138,7 +144,9 @@ class Service:
             max_delay_s=s.batch.max_delay,
             on_result=self._wake.set,
         )
-        self.intake.on_commit = self._wake.set
+        self.intake.on_commit = self._after_commit
+        #: When the main loop's current sleep ends (monotonic; inf while it works out the next).
+        self._sleep_until = math.inf
         self.intake.on_damage = self._on_damage
         self.intake.on_lost = self._on_lost
         self.intake.on_died = self._wake.set
@@ -170,6 +178,19 @@ class Service:
         #: The cloud link as `status` shows it: up or down, and since when (wall ms).
         self._link: tuple[bool, int] | None = None
         self._health_failed = False
+
+    def _after_commit(self) -> None:
+        """Intake's thread, after each commit: wake the main loop only when the commit gave the
+        dispatcher work before the loop's own next deadline (a formed batch is now recorded,
+        live readings fill a message, or live readings began waiting and are due sooner than
+        the loop sleeps). At a site's steady load most commits need no turn of the loop."""
+        d = self.dispatcher
+        if d.awaiting_commit or self.batcher.live_due(d.max_delay_s):
+            self._wake.set()
+            return
+        due = self.batcher.live_due_in(d.max_delay_s)
+        if due is not None and time.monotonic() + due < self._sleep_until:
+            self._wake.set()
 
     def _sensor_of(self, device: DeviceKey) -> str | None:
         """The sensor_id the running maps give a device (for watch events that do not say)."""
@@ -298,8 +319,9 @@ class Service:
             threading.Thread(target=self._check_integrity, name="integrity-check", daemon=True).start()
         next_bounds = next_status = next_watchdog = next_heartbeat = next_details = time.monotonic()
         wall_minus_mono = time.time() - time.monotonic()
+        wait_s = 0.0
         while not self._stop.is_set():
-            self._wake.wait(0.25)
+            self._wake.wait(wait_s)
             self._wake.clear()
             now = time.monotonic()
             if not self.intake.alive:
@@ -354,6 +376,15 @@ class Service:
                 self.notifier.notify("WATCHDOG=1")
             if progress is not None:
                 progress(self)
+            timers = [next_bounds, next_status, next_heartbeat]
+            if self.notifier.watchdog_interval_s is not None:
+                timers.append(next_watchdog)
+            health_at = self.health_sender.due_at()
+            if health_at is not None:
+                timers.append(health_at)
+            self._sleep_until = math.inf  # a commit meanwhile wakes the loop if it brought live readings
+            wait_s = self._sleep_for(timers)
+            self._sleep_until = time.monotonic() + wait_s
         if self._lost is not None:
             self._stop_lost(self._lost)
             return
@@ -375,6 +406,21 @@ class Service:
             self._health_failed = True
         else:
             self._health_failed = False
+
+    def _sleep_for(self, timers: list[float]) -> float:
+        """Seconds the main loop may sleep: until the first of its timers (monotonic times) or
+        of the dispatcher's and the buffer's own deadlines, at most MAX_TURN_S. Commits, publish
+        results, signals and a dead worker wake it sooner; at a site's steady load it turns
+        about once a commit, not four times a second."""
+        now = time.monotonic()
+        waits = [MAX_TURN_S, *(t - now for t in timers)]
+        for due in (self.dispatcher.due_in(), self.buffer.settle_due_in()):
+            if due is not None:
+                waits.append(due)
+        wait = min(waits)
+        # Due already: what this turn could not do (a write the disk refused, a batch with no
+        # slot). Retried after a short sleep, not in a busy loop.
+        return wait if wait > 0 else RETRY_TURN_S
 
     def _buffer_error(self, exc: sqlite3.DatabaseError | DiskFullError) -> None:
         """The main loop could not use the buffer: damaged (stop), or full/failing (retry)."""

@@ -57,6 +57,8 @@ HELLO_MAX_BYTES = 64 * 1024
 PAYLOAD_HEX_MAX = 256
 #: How often an idle watcher's thread looks whether its watcher went away.
 IDLE_CHECK_S = 5.0
+#: The accept loop's timeout, a backstop only: stop() wakes it at once.
+ACCEPT_BACKSTOP_S = 60.0
 
 #: What intake hands over: an outcome (a dead letter where the buffer made one) and whether the
 #: buffer held it already.
@@ -275,7 +277,9 @@ class WatchServer:
             os.replace(temp, self.path)
             self._inode = os.stat(self.path).st_ino
             listener.listen(8)
-            listener.settimeout(0.25)  # the accept loop looks at the stop flag this often
+            # The accept loop sleeps until someone connects; stop() wakes it by connecting. The
+            # timeout is only a backstop: polling the stop flag would wake the daemon for nothing.
+            listener.settimeout(ACCEPT_BACKSTOP_S)
         except OSError as exc:
             listener.close()
             with contextlib.suppress(OSError):
@@ -308,6 +312,7 @@ class WatchServer:
         self._stopping.set()
         if self._listener is None:
             return
+        self._wake_accept()
         self._thread.join(1.0)
         self._listener.close()
         watchers = list(self._drop_closed(all_=True))
@@ -318,6 +323,20 @@ class WatchServer:
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
+
+    def _wake_accept(self) -> None:
+        """Connect to our own socket, so that the accept loop wakes and sees the stop flag."""
+        waker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                waker.connect(_address(self.path, dir_fd))
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass  # the socket is gone: the loop ends at its backstop timeout (a daemon thread)
+        finally:
+            waker.close()
 
     def _drop_closed(self, all_: bool = False) -> Iterable[_Watcher]:
         """Forget closed watchers (all of them when stopping); return those forgotten."""
@@ -339,6 +358,9 @@ class WatchServer:
                     return
                 log.exception("watch: accept failed")
                 continue
+            if self._stopping.is_set():  # stop() woke us
+                conn.close()
+                return
             self._drop_closed()
             conn.setblocking(True)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)

@@ -430,3 +430,64 @@ def test_the_flush_at_stop_records_and_sends_a_batch_formed_just_before(buffer: 
     assert publisher.sent == []  # formed, waiting for a commit
     d.flush(deadline=clock() + 4.5)
     assert [source_of(b) for b in publisher.sent] == ["chirpstack/1"] and buffer.depth().total_readings == 0
+
+
+def test_due_in_says_when_live_readings_reach_max_delay_or_a_backoff_ends(tmp_path: Path) -> None:
+    """The main loop sleeps until the dispatcher's next deadline instead of polling: `due_in`
+    is the time until the oldest live reading reaches max_delay (both clocks injected), then
+    until a refused batch's backoff ends; None with nothing waiting, while the link is down,
+    or while every in-flight slot is taken (a result wakes the loop then)."""
+    mono = Clock()
+    buffer = Buffer(tmp_path / "b.db", monotonic=mono)
+    try:
+        batcher = Batcher(buffer, Ids("gw-t-01", "acme", "leeds"), max_bytes=300, compress=False)
+        publisher, clock = FakePublisher(), Clock()
+        d = Dispatcher(batcher, publisher, max_in_flight=2, max_delay_s=5.0, clock=clock)
+        d.publish_due()  # the link is up: what comes from now is live
+        assert d.due_in() is None
+        buffer.store([to_record(uplink(1))])
+        mono.at += 2.0
+        assert d.due_in() == pytest.approx(3.0)
+        publisher.connected = False
+        assert d.due_in() is None
+        publisher.connected = True
+        mono.at += 3.0
+        assert d.due_in() == 0.0
+        publisher.answer = lambda batch: refused(0x99)
+        turn(d)
+        d.collect_results()
+        assert d.stage_of(publisher.sent[0].seq) is Stage.BACKING_OFF
+        assert d.due_in() == pytest.approx(2.0)  # the first backoff
+        publisher.answer = lambda batch: None  # held: in flight until the test answers
+        clock.at += 2.0
+        buffer.store([to_record(uplink(2))])
+        mono.at += 5.0
+        turn(d)
+        assert d.in_flight == 2
+        assert d.due_in() is None
+    finally:
+        buffer.close()
+
+
+def test_settle_due_in_is_the_time_until_a_waiting_take_is_recorded_without_a_commit(tmp_path: Path) -> None:
+    """A formed take waits for the next commit to record it; without one, `settle` writes it
+    SETTLE_AFTER_S later: `settle_due_in` is the time until then (the main loop sleeps until
+    it), None when nothing waits."""
+    from gateway.buffer.core import SETTLE_AFTER_S
+
+    mono = Clock()
+    buffer = Buffer(tmp_path / "b.db", monotonic=mono)
+    try:
+        batcher = Batcher(buffer, Ids("gw-t-01", "acme", "leeds"), max_bytes=300, compress=False)
+        assert buffer.settle_due_in() is None
+        buffer.store([to_record(uplink(1))])
+        batch = batcher.form(live=True)
+        assert batch is not None and not batch.take.recorded
+        assert buffer.settle_due_in() == pytest.approx(SETTLE_AFTER_S)
+        mono.at += SETTLE_AFTER_S
+        assert buffer.settle_due_in() == 0.0
+        assert buffer.settle()
+        assert batch.take.recorded
+        assert buffer.settle_due_in() is None
+    finally:
+        buffer.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import wire
 from gateway.batching import to_record
 from gateway.buffer import Buffer, damage_marker, now_ms
 from gateway.buffer import core as buffer_core
@@ -80,3 +81,79 @@ def test_a_dead_intake_thread_stops_the_daemon_with_a_failure_exit(tmp_path: Pat
     runner.join(10)
     assert service.exit_code == EXIT_WORKER_DIED
     assert isinstance(service.intake.died, RuntimeError)
+
+
+def test_an_idle_main_loop_sleeps_until_its_next_deadline_and_still_stops_at_once(tmp_path: Path) -> None:
+    """With nothing to do, the main loop turns about once a second (MAX_TURN_S), not four
+    times, since every turn costs the daemon CPU; a stop request still wakes it at once."""
+    import itertools
+    import time
+
+    from gateway.service import MAX_TURN_S
+
+    service = Service(load_config(directory_site(tmp_path)), sources=[])
+    turns: list[float] = []
+    runner = threading.Thread(target=service.run, kwargs={"progress": lambda s: turns.append(time.monotonic())})
+    runner.start()
+    try:
+        time.sleep(4.0)
+    finally:
+        asked = time.monotonic()
+        service.request_stop()
+        assert service.stopped.wait(10)
+        runner.join(10)
+    stopped_in = time.monotonic() - asked
+    gaps = [b - a for a, b in itertools.pairwise(turns[1:])]  # after the first turns at start
+    assert len(turns) <= 4.0 / MAX_TURN_S + 3
+    assert gaps and min(gaps) >= 0.2, gaps
+    assert stopped_in < 3.0
+
+
+def test_a_commit_wakes_the_main_loop_only_when_it_brings_the_dispatcher_work(tmp_path: Path) -> None:
+    """Uplinks committed every 0.1 s do not each cost a turn of the main loop: a commit wakes it
+    only when it records a formed batch, fills a message, or starts live readings due before
+    the loop's next deadline; yet every live batch still leaves within max_delay (plus the
+    commit that records it) and every reading is sent."""
+    import time
+    from functools import partial
+
+    from gateway.sources import Delivery
+    from gateway.sources.events import parse_chirpstack
+    from tests.chirpstack import encode, topic, uplink_event
+    from tests.test_delivery import frame
+
+    dev = "70b3d57ed0001234"
+    cfg = directory_site(tmp_path)
+    (tmp_path / "devices" / "a.yaml").write_text(
+        f"devices:\n  - dev_eui: {dev}\n    sensor_id: press\n    codec: osm-v2\n"
+    )
+    cfg.write_text(
+        cfg.read_text().replace("buffer: {path: buffer.db}", "buffer: {path: buffer.db, commit_interval: 0.1s}")
+        + "batch: {max_delay: 3s}\n"
+    )
+    service = Service(load_config(cfg), sources=[])
+    service.intake.add_parser("test", partial(parse_chirpstack, encoding="json"))
+    turns: list[tuple[float, int]] = []
+    runner = threading.Thread(
+        target=service.run, kwargs={"progress": lambda s: turns.append((time.monotonic(), s.published_batches))}
+    )
+    runner.start()
+    try:
+        time.sleep(0.5)
+        first = time.monotonic()
+        for n in range(40):  # 4 s, one uplink every 0.1 s
+            event = encode(uplink_event(dev, frame(n), f_cnt=n, dedup_id=f"d-{n}"), "json")
+            service.intake.deliver(Delivery("test", topic(dev), event, now_ms(), lambda: None))
+            time.sleep(0.1)
+        sent_by = [t for t, published in turns if published >= 1]
+    finally:
+        service.request_stop()
+        assert service.stopped.wait(10)
+        runner.join(10)
+    commits = service.intake.stats.groups
+    during = [t for t, _ in turns if first <= t <= first + 4.0]
+    assert commits >= 20
+    assert len(during) < commits / 2, (len(during), commits)
+    assert sent_by and sent_by[0] - first <= 3.0 + 0.5
+    rows = sum(len(list(wire.expand_rows(wire.decode_message(p.read_bytes())))) for p in (tmp_path / "out").iterdir())
+    assert rows == 40

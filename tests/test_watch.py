@@ -223,3 +223,22 @@ def test_lines_for_people_name_the_drop_and_cut_a_long_payload() -> None:
     )
     assert "DEAD LETTER: truncated" in line and line.endswith("ab... (4000 bytes)")
     assert normalise_id("70-B3-D5-7E-D0-00-12-34") == PRESS and normalise_id("press-03-clamp") == "press-03-clamp"
+
+
+def test_the_watch_socket_waits_for_watchers_without_polling_and_stops_at_once(tmp_path: Path) -> None:
+    """The accept loop sleeps until someone connects (its timeout is only a backstop of a
+    minute, so an idle daemon is not woken four times a second); stop wakes it at once, ends
+    the thread and removes the socket."""
+    import time
+
+    from gateway.watch import ACCEPT_BACKSTOP_S, WatchServer
+
+    assert ACCEPT_BACKSTOP_S >= 30
+    server = WatchServer(tmp_path / "watch.sock")
+    server.start()
+    assert (tmp_path / "watch.sock").exists()
+    time.sleep(0.2)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 0.9  # stop waits up to 1 s for the thread to end
+    assert not (tmp_path / "watch.sock").exists()

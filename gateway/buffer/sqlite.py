@@ -190,6 +190,12 @@ class Buffer(Bounds):
             self._write(lambda db: None, drain=True)
             return True
 
+    def settle_due_in(self) -> float | None:
+        """Seconds until `settle` would write (0: now); None while nothing waits for a commit."""
+        with self._lock:
+            since = self._waiting_since
+            return None if since is None else max(0.0, since + SETTLE_AFTER_S - self._monotonic())
+
     def heartbeat(self, pid: int | None = None, details: bool = True, every_s: float = 30.0) -> None:
         """Record that the daemon is alive, with the device counters and totals (for `status`),
         and what the daemon noted (`note_state`) that changed since the last heartbeat."""
