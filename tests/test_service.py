@@ -152,8 +152,9 @@ def test_a_commit_wakes_the_main_loop_only_when_it_brings_the_dispatcher_work(tm
         runner.join(10)
     commits = service.intake.stats.groups
     during = [t for t, _ in turns if first <= t <= first + 4.0]
-    assert commits >= 20
+    assert commits >= 10  # enough commits for the count of turns to say something (a loaded machine groups more)
     assert len(during) < commits / 2, (len(during), commits)
     assert sent_by and sent_by[0] - first <= 3.0 + 0.5
-    rows = sum(len(list(wire.expand_rows(wire.decode_message(p.read_bytes())))) for p in (tmp_path / "out").iterdir())
+    batches = (tmp_path / "out").glob("*.json*")  # the batch files; the health message is in state/
+    rows = sum(len(list(wire.expand_rows(wire.decode_message(p.read_bytes())))) for p in batches)
     assert rows == 40
