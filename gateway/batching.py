@@ -151,7 +151,11 @@ class Batcher:
         waited = self.buffer.live_waited(at)
         if waited is None:
             return False
-        return waited >= max_delay_s or self.buffer.depth(live=True).bytes * self._ratio >= self.max_bytes * 0.9
+        return waited >= max_delay_s or self.live_full()
+
+    def live_full(self) -> bool:
+        """True when the live readings waiting fill a message."""
+        return self.buffer.depth(live=True).bytes * self._ratio >= self.max_bytes * 0.9
 
     def live_due_in(self, max_delay_s: float) -> float | None:
         """Seconds until the oldest live reading has waited `max_delay_s` (0: it has); None when

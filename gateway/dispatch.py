@@ -85,8 +85,14 @@ class Dispatcher:
         on_result: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         held_max: int | None = None,
+        intake_idle: Callable[[], bool] = lambda: False,
     ) -> None:
         self.batcher = batcher
+        #: True when intake has nothing queued or in hand (see `live_due_now`).
+        self._intake_idle = intake_idle
+        #: A live message went out full: a burst is under way; its remainder leaves as soon as
+        #: intake is idle, without waiting out max_delay (see `live_due_now`).
+        self._burst = False
         self.buffer: Buffer = batcher.buffer
         self.publisher = publisher
         self.held_max = held_max if held_max is not None else 4 * max_in_flight
@@ -154,14 +160,16 @@ class Dispatcher:
         # readings never queue behind the backlog. A new batch is sent once its take is
         # recorded: live ones ride on intake's next commit (or `settle`, a second later); a
         # drain waits for nobody and records its batches at once.
-        if self.batcher.live_due(self.max_delay_s):
+        if self.live_due_now():
             self.awaiting_commit = True  # before the take exists: a commit may record it at once
             while self._unsent(live=True) + len(self._flying) < limit and len(self._lives) < self.held_max:
+                full = self.batcher.live_full()
                 batch = self.batcher.form(live=True)
                 if batch is None:
                     break
+                self._burst = full  # a full message: more may follow; a partial one ends the burst
                 self._queue(batch)
-                if not self.batcher.live_due(self.max_delay_s):
+                if not self.live_due_now():
                     break
         formed = False
         while (
@@ -183,6 +191,15 @@ class Dispatcher:
                 self._send_waiting(seq, now)
         self.awaiting_commit = any(not life.batch.take.recorded for life in self._lives.values())
 
+    def live_due_now(self) -> bool:
+        """True when live readings should be formed into a message now: one has waited
+        `max_delay`, they fill a message, or a burst filled the last live message and intake has
+        gone idle. That last case sends a burst's remainder at once: readings never wait longer
+        than `max_delay`, and at a site's steady load (no message ever full) nothing changes."""
+        if self.batcher.live_due(self.max_delay_s):
+            return True
+        return self._burst and self.buffer.live_waited() is not None and self._intake_idle()
+
     def due_in(self) -> float | None:
         """Seconds until `publish_due` has work that no event brings (0: now): live readings
         reaching `max_delay`, a refused batch's backoff or the pause ending. None when only an
@@ -195,7 +212,7 @@ class Dispatcher:
             life.not_before - now for life in self._lives.values() if life.stage is Stage.BACKING_OFF
         ]
         if self._unsent(live=True) + len(self._flying) < self.max_in_flight and len(self._lives) < self.held_max:
-            due.append(self.batcher.live_due_in(self.max_delay_s))
+            due.append(0.0 if self.live_due_now() else self.batcher.live_due_in(self.max_delay_s))
         times = [t for t in due if t is not None]
         if not times:
             return None

@@ -59,6 +59,12 @@ class Inbox:
         #: Times a `put` woke the intake thread (for tests and benches: once a group, not once a message).
         self.wakeups = 0
 
+    @property
+    def queued(self) -> int:
+        """Items waiting (deliveries and control items)."""
+        with self._ready:
+            return len(self._items)
+
     def put(self, delivery: Delivery) -> bool:
         """Queue a message, waiting while the inbox holds `max_bytes` already; False when the
         inbox was closed (the message is not queued and will not be acked)."""

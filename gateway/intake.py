@@ -115,6 +115,8 @@ class Intake:
         self._max_sizes: dict[str, int] = {}
         #: Deliveries waiting, taken in groups: the intake thread wakes once a group.
         self._inbox = Inbox(GROUP_LIMITS, MAX_QUEUED_BYTES, _weight)
+        #: Messages of the group being committed still to commit after the current part.
+        self._rest = 0
         self._stopping = threading.Event()
         #: Reload work in steps of one page (`_after_reload`), done between groups.
         self._jobs: deque[Iterator[None]] = deque()
@@ -164,6 +166,12 @@ class Intake:
         self._thread.join(timeout_s)
 
     @property
+    def idle(self) -> bool:
+        """True when intake has nothing queued and no part of a group left to commit (any
+        thread; from `on_commit`, it means the group just committed was the last for now)."""
+        return self._rest == 0 and self._inbox.queued == 0
+
+    @property
     def alive(self) -> bool:
         """True while the intake thread runs (or has not been started)."""
         return self.died is None
@@ -207,6 +215,7 @@ class Intake:
             readings += sum(len(o.readings) for o in outcomes if isinstance(o, DecodedUplink))
         else:
             rest = []
+        self._rest = len(rest)  # read by `idle` from the commit's callbacks
         self._commit_decoded(pending)
         return [] if self._stopping.is_set() else rest
 

@@ -143,6 +143,7 @@ class Service:
             max_in_flight=s.cloud.max_in_flight,
             max_delay_s=s.batch.max_delay,
             on_result=self._wake.set,
+            intake_idle=lambda: self.intake.idle,
         )
         self.intake.on_commit = self._after_commit
         #: When the main loop's current sleep ends (monotonic; inf while it works out the next).
@@ -185,7 +186,7 @@ class Service:
         live readings fill a message, or live readings began waiting and are due sooner than
         the loop sleeps). At a site's steady load most commits need no turn of the loop."""
         d = self.dispatcher
-        if d.awaiting_commit or self.batcher.live_due(d.max_delay_s):
+        if d.awaiting_commit or d.live_due_now():
             self._wake.set()
             return
         due = self.batcher.live_due_in(d.max_delay_s)

@@ -491,3 +491,31 @@ def test_settle_due_in_is_the_time_until_a_waiting_take_is_recorded_without_a_co
         assert buffer.settle_due_in() is None
     finally:
         buffer.close()
+
+
+def test_a_bursts_remainder_goes_once_intake_is_idle_not_max_delay_later(buffer: Buffer) -> None:
+    """Live readings that fill a message go at once; what a burst leaves after its last full
+    message goes as soon as intake has nothing more, not max_delay later. At a steady load,
+    which never fills a message, a reading still waits up to max_delay, idle intake or not."""
+    batcher = Batcher(buffer, Ids("gw-t-01", "acme", "leeds"), max_bytes=2000, compress=False)
+    publisher, clock = FakePublisher(), Clock()
+    idle = [True]
+    d = Dispatcher(batcher, publisher, max_in_flight=8, max_delay_s=60.0, clock=clock, intake_idle=lambda: idle[0])
+    d.publish_due()  # the connection starts: what comes now is live
+    buffer.store([to_record(uplink(0))])
+    turn(d)
+    assert publisher.sent == []  # steady load: waits for max_delay (60 s here)
+    idle[0] = False  # a burst: intake still has messages queued
+    for n in range(1, 40):
+        buffer.store([to_record(uplink(n))])
+        turn(d)
+    full = list(publisher.sent)
+    assert full and buffer.depth(live=True).total_readings > 0  # full messages out, a remainder waits
+    turn(d)
+    assert publisher.sent == full  # intake busy: the remainder may still grow
+    idle[0] = True
+    turn(d)
+    assert sum(b.readings for b in publisher.sent) == 80
+    buffer.store([to_record(uplink(99))])  # steady again: the burst ended with its remainder
+    turn(d)
+    assert sum(b.readings for b in publisher.sent) == 80
