@@ -40,7 +40,7 @@ from gateway.demo import SimulatedSite  # noqa: E402
 from gateway.sources import Delivery  # noqa: E402
 from tests.support.brokers import Mosquitto, ServerTLS, Subscriber, find_mosquitto, publishing  # noqa: E402
 from tests.support.certs import make_test_certs  # noqa: E402
-from tests.support.daemon import Daemon  # noqa: E402
+from tests.support.daemon import READINGS_FILTER, Daemon  # noqa: E402
 
 
 def devices_yaml() -> str:
@@ -79,7 +79,7 @@ def run(where: Path, interval: str, seconds: float, warmup: float) -> tuple[floa
     daemon.config.write_text(daemon.config.read_text().replace("level: debug", "level: info"))
     # The default status interval, not the tests' 2 s: its heartbeat writes are part of what is measured.
     daemon.config.write_text(daemon.config.read_text().replace(", status_interval: 2s", ""))
-    reader = Subscriber(cloud, "#", client_cert=certs.client("flash-reader"))
+    reader = Subscriber(cloud, READINGS_FILTER, client_cert=certs.client("flash-reader"))  # batches, not health
     try:
         reader.start()
         daemon.start()

@@ -87,7 +87,7 @@ from gateway.sources.mqtt import RECEIVE_MAXIMUM  # noqa: E402
 from tests.chirpstack import encode, topic, uplink_event  # noqa: E402
 from tests.support.brokers import Mosquitto, ServerTLS, Subscriber, find_mosquitto, publishing  # noqa: E402
 from tests.support.certs import TestCerts, make_test_certs  # noqa: E402
-from tests.support.daemon import Daemon  # noqa: E402
+from tests.support.daemon import READINGS_FILTER, Daemon  # noqa: E402
 from tests.test_bridge import record, u16  # noqa: E402
 
 READINGS_PER_UPLINK = 3
@@ -445,7 +445,8 @@ class CloudRows:
     daemon publishes: distinct (sensor, time, metric), all rows, and when a count was reached."""
 
     def __init__(self, r: Rig, name: str) -> None:
-        self.reader = Subscriber(r.cloud, "dt/hub/#", client_id=name, client_cert=r.certs.client(name)).start()
+        # Batches only: the health message has its own topic.
+        self.reader = Subscriber(r.cloud, READINGS_FILTER, client_id=name, client_cert=r.certs.client(name)).start()
         self.keys: set[tuple[str, int, str]] = set()
         self.rows = 0
         self.messages = 0
