@@ -161,6 +161,8 @@ class Dispatcher:
         # recorded: live ones ride on intake's next commit (or `settle`, a second later); a
         # drain waits for nobody and records its batches at once.
         if self.live_due_now():
+            # The end of a burst: intake is idle, so no commit of its will record the take soon.
+            burst_end = not self.batcher.live_due(self.max_delay_s)
             self.awaiting_commit = True  # before the take exists: a commit may record it at once
             while self._unsent(live=True) + len(self._flying) < limit and len(self._lives) < self.held_max:
                 full = self.batcher.live_full()
@@ -171,6 +173,8 @@ class Dispatcher:
                 self._queue(batch)
                 if not self.live_due_now():
                     break
+            if burst_end:
+                self.buffer.settle(force=True)  # record it now, as a drain does, and send it
         formed = False
         while (
             self._unsent(live=False) + len(self._flying) < backlog_slots
