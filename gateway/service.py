@@ -28,7 +28,6 @@ from gateway.buffer import (
     is_storage_failure,
     mark_damaged,
     now_ms,
-    view,
 )
 from gateway.cli import version
 from gateway.cloud import Publisher, Will, build_publisher
@@ -163,15 +162,10 @@ class Service:
         #: Wall-clock step seen last (seconds, + forward), for the bound that drops by age.
         self._clock_jump_s: float | None = None
         self.reporter = Reporter(self.buffer, self.intake.stats, self.dispatcher, self.publisher)
-        # What the buffer kept of each device before this start: a device not heard since is
-        # judged silent by its own usual interval, not the moment the daemon starts.
-        # A device whose last uplink was another ChirpStack tenant's was not heard: no last seen.
-        before = {
-            d["device"]: (d["last_seen_ms"] or None, d["interval_ms"])
-            for d in view.read(self.buffer.path)["devices"]
-            if d["last_outcome"] != "other tenant"
-        }
-        self.health = Health(config, self.reporter, version=version(), started_ms=self.started_ms, before=before)
+        # A device not heard since this start is judged silent by its usual interval from before.
+        self.health = Health(
+            config, self.reporter, version=version(), started_ms=self.started_ms, before=self.buffer.heard_before()
+        )
         self.health_sender = HealthSender(self.health, self.publisher, health_topic, s.health.interval)
         self.metrics: MetricsServer | None = None
         if s.metrics is not None:

@@ -230,6 +230,17 @@ class Buffer(Bounds):
                 for device, seen in devices.heard.items()
             }
 
+    def heard_before(self) -> dict[str, tuple[int | None, int | None]]:
+        """What the file kept of each device from earlier runs: device -> (last seen ms, usual
+        interval ms). A device whose last uplink was another ChirpStack tenant's was not heard
+        (no last seen). Read once at start, through the buffer's own connection."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device, last_seen_ms, interval_ms, last_outcome FROM devices"
+                " LEFT JOIN device_details USING (device)"
+            ).fetchall()
+        return {d: (int(seen) if seen else None, iv) for d, seen, iv, outcome in rows if outcome != "other tenant"}
+
     def disk_free(self) -> int:
         """Bytes free on the buffer's filesystem (as the buffer's own bound sees them)."""
         return self._room.free_space(self.path.parent)
