@@ -234,7 +234,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     """Stream what the running daemon does with each uplink, from its socket beside the buffer."""
     from gateway.config import load_settings
-    from gateway.watch import socket_path, watch
+    from gateway.watch import socket_path
+    from gateway.watch_client import watch
 
     path = _config_path(args.config)
     try:

@@ -28,13 +28,12 @@ import grp
 import json
 import os
 import socket
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
 
@@ -70,7 +69,7 @@ def socket_path(buffer_path: Path) -> Path:
     return buffer_path.parent / SOCKET_NAME
 
 
-def _address(path: Path, dir_fd: int | None = None) -> str:
+def socket_address(path: Path, dir_fd: int | None = None) -> str:
     """A path a socket can bind or connect to: AF_UNIX takes at most 107 bytes, so a longer one
     goes through the directory's descriptor (Linux resolves /proc/self/fd/N like a directory)."""
     if len(os.fsencode(path)) < 100 or dir_fd is None:
@@ -199,7 +198,7 @@ class _Watcher:
         self.ids = frozenset(i.strip() for i in ids) | frozenset(normalise_id(i) for i in ids)
         self.conn.settimeout(None)  # a stalled watcher blocks only this thread; close() cuts it
         self.ready = True
-        self.conn.sendall(_line({"event": "watching", "ids": ids}))
+        self.conn.sendall(encode_line({"event": "watching", "ids": ids}))
 
     def _gone(self) -> bool:
         """True when the watcher closed its end (checked while idle, without reading its data)."""
@@ -216,7 +215,7 @@ class _Watcher:
                 self._hello()
             except (OSError, ValueError) as exc:
                 with contextlib.suppress(OSError):
-                    self.conn.sendall(_line({"event": "error", "message": f"bad request: {exc}"}))
+                    self.conn.sendall(encode_line({"event": "error", "message": f"bad request: {exc}"}))
                 return
             while True:
                 with self._ready:
@@ -228,9 +227,9 @@ class _Watcher:
                     taken = [self._queue.popleft() for _ in range(min(SEND_AT_ONCE, len(self._queue)))]
                     dropped = 0 if self._queue else self.dropped
                     self.dropped -= dropped
-                lines = [_line(describe(o, duplicate, self.sensor_of)) for o, duplicate in taken]
+                lines = [encode_line(describe(o, duplicate, self.sensor_of)) for o, duplicate in taken]
                 if dropped:
-                    lines.append(_line({"event": "dropped", "count": dropped}))
+                    lines.append(encode_line({"event": "dropped", "count": dropped}))
                 self.conn.sendall(b"".join(lines))
         except OSError:
             pass  # the watcher went away (Ctrl-C) or the daemon stops: nothing to say
@@ -242,7 +241,7 @@ class _Watcher:
                 self.conn.close()
 
 
-def _line(event: dict[str, Any]) -> bytes:
+def encode_line(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), default=str).encode() + b"\n"
 
 
@@ -269,7 +268,7 @@ class WatchServer:
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
-            listener.bind(_address(temp, dir_fd))
+            listener.bind(socket_address(temp, dir_fd))
             # Set the mode before the socket gets its name: no moment where anyone may connect.
             os.chmod(temp, 0o660)
             with contextlib.suppress(KeyError, PermissionError):
@@ -330,7 +329,7 @@ class WatchServer:
         try:
             dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                waker.connect(_address(self.path, dir_fd))
+                waker.connect(socket_address(self.path, dir_fd))
             finally:
                 os.close(dir_fd)
         except OSError:
@@ -366,7 +365,9 @@ class WatchServer:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             if len(self._watchers) >= MAX_WATCHERS:
                 with contextlib.suppress(OSError):
-                    conn.sendall(_line({"event": "error", "message": f"too many watchers (at most {MAX_WATCHERS})"}))
+                    conn.sendall(
+                        encode_line({"event": "error", "message": f"too many watchers (at most {MAX_WATCHERS})"})
+                    )
                 conn.close()
                 continue
             watcher = _Watcher(conn, self.sensor_of)
@@ -375,101 +376,4 @@ class WatchServer:
             watcher.thread.start()
 
 
-# ---- the command's side -------------------------------------------------------------------------
-
-
-def _value(value: object) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value)
-
-
-def format_event(event: dict[str, Any]) -> str:
-    """One event as a line for people: local time, sensor, device, then what happened."""
-    kind = event.get("event")
-    if kind == "dropped":
-        return f"... {event['count']} events dropped: this terminal is too slow"
-    if kind == "error":
-        return f"error from the daemon: {event.get('message')}"
-    when = datetime.fromtimestamp(event["received_ms"] / 1000).strftime("%H:%M:%S")
-    who = f"{when} {event.get('sensor_id') or '-'} {event.get('device') or '-'}"
-    if kind == "readings":
-        by_metric: dict[str, list[dict[str, Any]]] = {}
-        for r in event["readings"]:
-            by_metric.setdefault(r["metric"], []).append(r)
-        parts = []
-        for metric, rs in by_metric.items():
-            last = rs[-1]
-            unit = f" {last['unit']}" if last.get("unit") else ""
-            many = f" ({len(rs)} samples, last shown)" if len(rs) > 1 else ""
-            parts.append(f"{metric}={_value(last['value'])}{unit}{many}")
-        return f"{who}  " + ("  ".join(parts) if parts else "(no readings)")
-    if kind == "dead_letter":
-        shown = event["payload_hex"]
-        more = f"... ({event['payload_bytes']} bytes)" if event["payload_bytes"] * 2 > len(shown) else ""
-        topic = f" topic {event['topic']}" if event.get("topic") else ""
-        return f"{who}  DEAD LETTER: {event['reason']}{topic}  payload {shown or '(empty)'}{more}"
-    if kind == "unmapped":
-        return f"{who}  unmapped: no device map names it (kept for replay once mapped)"
-    if kind == "other_tenant":
-        return f"{who}  other tenant: {event.get('tenant')} (map expects {event.get('expected_tenant')}): dropped"
-    if kind == "log":
-        return f"{who}  ChirpStack log {event.get('level')} {event.get('code')}: {event.get('description')}"
-    if kind == "duplicate":
-        return f"{who}  duplicate: stored before, not again ({event.get('source')})"
-    return f"{who}  {kind}"
-
-
-def watch(path: Path, ids: Sequence[str], as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Connect to the daemon's socket and print its events until Ctrl-C (0) or it goes (1)."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        dir_fd = None
-    try:
-        conn.connect(_address(path, dir_fd))
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"hub-gateway watch: no daemon is running (nothing listens on {path})", file=err)
-        return 1
-    except PermissionError:
-        print(
-            f"hub-gateway watch: permission denied on {path}; run it as root or as the daemon's user "
-            "(sudo -u hub-gateway hub-gateway watch)",
-            file=err,
-        )
-        return 1
-    except OSError as exc:
-        print(f"hub-gateway watch: cannot connect to {path}: {exc.strerror or exc}", file=err)
-        return 1
-    finally:
-        if dir_fd is not None:
-            os.close(dir_fd)
-    try:
-        with conn, conn.makefile("rb") as stream:
-            try:
-                conn.sendall(_line({"ids": list(ids)}))
-            except OSError:
-                pass  # the daemon went at once: the answer below is missing, and says so
-            answer = json.loads(stream.readline() or b"{}")
-            if answer.get("event") != "watching":
-                print(
-                    f"hub-gateway watch: the daemon refused: {answer.get('message', 'it closed the connection')}",
-                    file=err,
-                )
-                return 1
-            what = ", ".join(ids) if ids else "every device"
-            print(f"watching {what} (Ctrl-C to stop)", file=err, flush=True)
-            for raw in stream:
-                if as_json:
-                    out.write(raw.decode())
-                else:
-                    out.write(format_event(json.loads(raw)) + "\n")
-                out.flush()
-    except KeyboardInterrupt:
-        return 0
-    except ConnectionResetError:
-        pass  # the daemon went; a BrokenPipeError is stdout's (`watch | head`): the caller's to handle
-    print("hub-gateway watch: the daemon stopped", file=err)
-    return 1
-
-
-__all__ = ["WatchServer", "describe", "format_event", "normalise_id", "socket_path", "watch"]
+__all__ = ["WatchServer", "describe", "encode_line", "normalise_id", "socket_address", "socket_path"]

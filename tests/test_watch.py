@@ -207,7 +207,8 @@ def test_start_and_reload_log_what_an_engineer_needs(daemon: Daemon, local_broke
 def test_lines_for_people_name_the_drop_and_cut_a_long_payload() -> None:
     """A drop count reads as a sentence a field engineer understands; a dead letter shows its
     reason and payload hex, cut at 256 bytes with the real size."""
-    from gateway.watch import format_event, normalise_id
+    from gateway.watch import normalise_id
+    from gateway.watch_client import format_event
 
     assert format_event({"event": "dropped", "count": 37}) == "... 37 events dropped: this terminal is too slow"
     line = format_event(
