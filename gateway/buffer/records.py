@@ -13,9 +13,8 @@ import hashlib
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from gateway.model import DeviceKey, Value
+from gateway.model import DeviceKey, Value, value_type
 
 #: A commit group is cut into chunks of at most this many payload bytes (uncompressed), so a
 #: catch-up burst of thousands of uplinks is several rows a take can read one at a time.
@@ -25,7 +24,7 @@ KEY_BYTES = 8
 _LEVEL = 6
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Record:
     """One uplink's readings, as intake hands them to storage.
 
@@ -44,7 +43,7 @@ class Record:
     latest: tuple[tuple[str, Value, str | None, int], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Stored:
     """A record as a take hands it back: what the batching stage needs to form a message."""
 

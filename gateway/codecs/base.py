@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from gateway.errors import DecodeError
-from gateway.model import Reading
+from gateway.model import Reading, value_type
 
 __all__ = ["Codec", "CodecOptions", "DecodeContext", "DecodeError", "NoOptions"]
 
@@ -24,7 +24,7 @@ class NoOptions(CodecOptions):
     """For codecs that take no options."""
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class DecodeContext:
     """What a codec may know besides the payload bytes."""
 

@@ -23,13 +23,13 @@ extensions, which json_format refused.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from chirpstack_api.gw import gw_pb2
 from chirpstack_api.integration import integration_pb2
 
 from gateway.errors import EventError
+from gateway.model import value_type
 from gateway.sources.protojson import (
     Stamp,
     describe,
@@ -47,7 +47,7 @@ R = TypeVar("R")
 D = TypeVar("D")
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class UplinkFields:
     """What the gateway reads of an `integration.UplinkEvent`, whichever the encoding."""
 
@@ -65,7 +65,7 @@ class UplinkFields:
     object: Mapping[str, Any] | None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class LogFields:
     """What the gateway reads of an `integration.LogEvent`, whichever the encoding."""
 

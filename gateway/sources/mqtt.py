@@ -14,7 +14,6 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
@@ -25,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.config.settings import Broker
+from gateway.model import value_type
 
 log = structlog.get_logger("gateway.sources")
 
@@ -42,7 +42,7 @@ PACKET_OVERHEAD = 64 * 1024  # topic, properties and header around the payload
 MQTT_MAX_PACKET = 268_435_455  # the protocol's own limit
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Delivery:
     """One message from the local broker, to be acknowledged once its content is stored."""
 
