@@ -111,11 +111,15 @@ def to_record(uplink: DecodedUplink, max_bytes: int = 120 * 1024, compress: bool
 
 def latest_readings(uplink: DecodedUplink) -> tuple[tuple[str, Value, str | None, int], ...]:
     """The newest reading of each metric of an uplink, as `Record.latest` carries it."""
+    readings = uplink.readings
     newest: dict[str, Reading] = {}
-    for r in uplink.readings:
-        if r.metric not in newest or r.t_ms >= newest[r.metric].t_ms:
+    for r in readings:
+        held = newest.get(r.metric)
+        if held is None or r.t_ms >= held.t_ms:
             newest[r.metric] = r
-    return tuple((r.metric, r.value, r.unit, r.t_ms) for r in newest.values())
+    if len(newest) == len(readings):  # each metric once (the usual uplink): all are the newest
+        return readings
+    return tuple(newest.values())
 
 
 @dataclass(frozen=True)

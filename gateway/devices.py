@@ -45,8 +45,14 @@ def _scaled(value: Value, scale: float | None, offset: float | None) -> Value:
 
 def apply_overrides(readings: list[Reading], entry: DeviceEntryBase, default_units: Any) -> list[Reading]:
     """Rename, scale, offset and label readings as the device map's `metrics` say."""
-    out = []
     overrides = entry.metrics
+    if not overrides:  # the common case: nothing to rename or scale, and often no unit to add
+        for r in readings:
+            if r.unit is None:
+                break
+        else:
+            return readings
+    out = []
     for r in readings:
         unit = r.unit
         if unit is None and default_units is not None:
@@ -101,24 +107,10 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         options=entry.options,
     )
 
-    def refused(why: str) -> DeadLetter:
-        """The uplink as a dead letter, kept whole so a corrected map can decode it again."""
-        return DeadLetter(
-            device=uplink.device,
-            source=uplink.source,
-            f_port=uplink.f_port,
-            reason=f"{codec.name}: {why}",
-            payload=uplink.payload,
-            received_ms=uplink.received_ms,
-            sensor_id=entry.sensor_id,
-            uplink=uplink,
-            dedup_key=uplink.dedup_key,
-        )
-
     try:
         readings = codec.decode(uplink.payload, ctx)
     except DecodeError as exc:
-        return refused(str(exc))
+        return _refused(uplink, codec.name, entry.sensor_id, str(exc))
     unmatched: tuple[str, ...] = ()
     produced: tuple[str, ...] = ()
     if entry.metrics:
@@ -129,10 +121,10 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
     try:
         readings = apply_overrides(readings, entry, codec.default_units)
     except OverflowError as exc:  # a value beyond a double's range once scaled
-        return refused(f"a value is too large to scale: {exc}")
-    bad = next((r for r in readings if isinstance(r.value, float) and not math.isfinite(r.value)), None)
-    if bad is not None:
-        return refused(f"{bad.metric} is {bad.value} (not a finite number)")
+        return _refused(uplink, codec.name, entry.sensor_id, f"a value is too large to scale: {exc}")
+    for r in readings:  # a loop, not a generator: this runs for every uplink
+        if isinstance(r.value, float) and not math.isfinite(r.value):
+            return _refused(uplink, codec.name, entry.sensor_id, f"{r.metric} is {r.value} (not a finite number)")
     meta: dict[str, Any] = dict(entry.tags)
     meta.update(uplink.meta)  # what the network measured wins over a tag of the same name
     return DecodedUplink(
@@ -146,4 +138,19 @@ def resolve(uplink: Uplink, devices: DeviceMap) -> Outcome:
         payload=uplink.payload,
         unmatched_overrides=unmatched,
         codec_metrics=produced,
+    )
+
+
+def _refused(uplink: Uplink, codec: str, sensor_id: str, why: str) -> DeadLetter:
+    """The uplink as a dead letter, kept whole so a corrected map can decode it again."""
+    return DeadLetter(
+        device=uplink.device,
+        source=uplink.source,
+        f_port=uplink.f_port,
+        reason=f"{codec}: {why}",
+        payload=uplink.payload,
+        received_ms=uplink.received_ms,
+        sensor_id=sensor_id,
+        uplink=uplink,
+        dedup_key=uplink.dedup_key,
     )

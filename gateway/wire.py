@@ -41,7 +41,7 @@ def encode_series(uplink: DecodedUplink) -> str:
     head = '{"sensor_id":' + _name(uplink.sensor_id) + ',"metric":'
     shared = ',"source":' + _dumps(uplink.source)
     if uplink.meta:
-        shared += ',"meta":' + _dumps(dict(uplink.meta))
+        shared += ',"meta":' + _meta(uplink.meta)
     shared += ',"t":['
     parts = []
     for (metric, unit), (ts, vs) in groups.items():
@@ -62,6 +62,26 @@ def encode_series(uplink: DecodedUplink) -> str:
 def _name(text: str) -> str:
     """A sensor id, metric or unit as a JSON string (they repeat: cached)."""
     return _dumps(text)
+
+
+def _meta(meta: Mapping[str, Any]) -> str:
+    """An uplink's meta as a JSON object: text keys with whole numbers, finite floats and
+    text by the cached pieces; anything else (None, a boolean, a list) by the encoder."""
+    parts = []
+    for key, v in meta.items():
+        kind = type(v)
+        if kind is int:
+            text = str(v)
+        elif kind is float and math.isfinite(v):
+            text = repr(v)
+        elif kind is str:
+            text = _name(v)
+        else:
+            return _dumps(dict(meta))
+        if type(key) is not str:
+            return _dumps(dict(meta))
+        parts.append(f"{_name(key)}:{text}")
+    return "{" + ",".join(parts) + "}"
 
 
 def _values(vs: list[Value]) -> str:

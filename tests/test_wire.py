@@ -24,7 +24,20 @@ readings = st.lists(
     min_size=1,
     max_size=12,
 )
-metas = st.dictionaries(st.sampled_from(["dev_eui", "f_cnt", "machine"]), st.one_of(st.integers(), names), max_size=3)
+#: What meta holds: the network's values (dev_eui, f_cnt, rssi, snr) and the map's tags (text,
+#: numbers, booleans), under any key a tag may have; None and a list take the encoder's path.
+metas = st.dictionaries(
+    st.one_of(st.sampled_from(["dev_eui", "f_cnt", "snr", "machine"]), st.text(max_size=6)),
+    st.one_of(
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.booleans(),
+        st.none(),
+        names,
+        st.lists(st.integers(), max_size=2),
+    ),
+    max_size=5,
+)
 
 
 def reference(uplink: DecodedUplink) -> str:

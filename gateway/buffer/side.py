@@ -163,16 +163,30 @@ class DeviceCounts:
     def of(self, device: str, sensor_id: str | None, at: int = 0, heard: bool = True) -> dict[str, Any]:
         """The device's counters gathered since the last flush; `at` (receive ms) marks it heard,
         unless `heard` is False (another ChirpStack tenant's uplink: not this device heard)."""
-        d = self.pending.setdefault(
-            device,
-            {"sensor_id": sensor_id, "last": 0, "up": 0, "rd": 0, "dl": 0, "log": 0, "lastlog": None, "ft": 0},
-        )
-        d["last"] = max(d["last"], at)
-        d["sensor_id"] = sensor_id or d["sensor_id"]
+        d = self.pending.get(device)  # (runs for every uplink: no dict made when there is one)
+        if d is None:
+            d = self.pending[device] = {
+                "sensor_id": sensor_id,
+                "last": 0,
+                "up": 0,
+                "rd": 0,
+                "dl": 0,
+                "log": 0,
+                "lastlog": None,
+                "ft": 0,
+            }
+        if at > d["last"]:
+            d["last"] = at
+        if sensor_id:
+            d["sensor_id"] = sensor_id
         if at and heard:
-            seen = self.heard.pop(device, None) or [sensor_id, 0, 0, None]
-            seen[0] = sensor_id or seen[0]
-            seen[1] = max(seen[1], at)
+            seen = self.heard.pop(device, None)
+            if seen is None:
+                seen = [sensor_id, 0, 0, None]
+            elif sensor_id:
+                seen[0] = sensor_id
+            if at > seen[1]:
+                seen[1] = at
             self.heard[device] = seen  # most recently heard last: the oldest go first
             if len(self.heard) > HEARD_KEPT:
                 self._forget_one()
@@ -201,15 +215,18 @@ class DeviceCounts:
         if not latest:
             return
         values = d.setdefault("latest", {})
+        data_ms = latest[0][3]
         for metric, value, unit, t_ms in latest:
+            if t_ms > data_ms:
+                data_ms = t_ms
             if isinstance(value, str):
                 value = value[:LATEST_TEXT_MAX]
-            if metric not in values or t_ms >= values[metric][2]:
+            held = values.get(metric)
+            if held is None or t_ms >= held[2]:
                 values[metric] = [value, unit, t_ms]
         if len(values) > LATEST_METRICS_KEPT:
             d["latest"] = _newest(values)
         seen = self.heard.get(device)
-        data_ms = max(t for *_, t in latest)
         if seen is None:
             return
         gap = data_ms - seen[2]

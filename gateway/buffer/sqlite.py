@@ -85,11 +85,12 @@ class Buffer(Bounds):
                         continue
                     keys.append(key)
                     new_keys.add(key)
-                    d = devices.of(str(o.device), o.sensor_id, o.received_ms)
+                    name = str(o.device)
+                    d = devices.of(name, o.sensor_id, o.received_ms)
                     d["up"] += 1
                     d["rd"] += o.readings
                     devices.outcome(d, "readings")
-                    devices.readings(str(o.device), d, o.latest)
+                    devices.readings(name, d, o.latest)
                     if o.readings:
                         kept.append(Stored(o.received_ms, o.readings, o.payload))
                         kept_raw += len(o.payload)

@@ -105,7 +105,8 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
         )
     meta: dict[str, Any] = {"dev_eui": dev_eui, "f_cnt": fields.f_cnt, "f_port": fields.f_port}
     if fields.rx:
-        rssi, snr = max(fields.rx, key=lambda rx: rx[0])
+        # The strongest gateway's (most uplinks have one: no key function to call then).
+        rssi, snr = fields.rx[0] if len(fields.rx) == 1 else max(fields.rx, key=_rssi)
         meta["rssi"] = rssi
         if math.isfinite(snr):  # "NaN" and "Infinity" are valid protobuf JSON: never on the wire
             meta["snr"] = round(snr, 2)
@@ -122,6 +123,10 @@ def parse_chirpstack(topic: str, payload: bytes, received_ms: int, encoding: Lit
         object=fields.object,
         network_tenant=fields.tenant_id or None,
     )
+
+
+def _rssi(rx: tuple[int, float]) -> int:
+    return rx[0]
 
 
 _TOO_DEEP = (
