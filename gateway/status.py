@@ -316,7 +316,7 @@ def format_device(e: dict[str, Any], report: dict[str, Any]) -> str:
         started = (report.get("daemon") or {}).get("started_ms")
         lines.append("  last seen:    never" + (f" since {_clock(started)}" if started else ""))
     for metric, (value, unit, t_ms) in sorted(e["latest"].items()):
-        lines.append(f"  {metric:<14}{value}{' ' + unit if unit else ''}  at {_clock(t_ms)}")
+        lines.append(f"  {metric:<13} {value}{' ' + unit if unit else ''}  at {_clock(t_ms)}")
     lines.append(
         f"  counts:       {e['uplinks']} uplinks, {e['readings']} readings, {e['dead_letters']} dead letters, "
         f"{e['log_events']} log events, {e['foreign_tenant']} from another tenant"

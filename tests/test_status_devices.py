@@ -22,7 +22,7 @@ from gateway.model import (
     Unmapped,
     Uplink,
 )
-from gateway.status import edit_distance
+from gateway.status import edit_distance, format_device
 from tests.support.site import directory_site
 
 MAP = """\
@@ -181,3 +181,30 @@ def test_edit_distance_counts_a_swap_as_one_edit() -> None:
     assert edit_distance("1234", "12345") == 1
     assert edit_distance("1234", "2143") == 2
     assert edit_distance("abcd", "wxyz") == 4
+
+
+def test_a_metric_name_longer_than_its_column_is_kept_apart_from_its_value() -> None:
+    """`status DEVICE` lists the latest values in a column; a name longer than the column (a
+    renamed metric such as spindle_current) still has a space before its value."""
+    entry = {
+        "sensor_id": "press-07-clamp",
+        "kind": "dev_eui",
+        "id": "70b3d57ed0003e91",
+        "mapped": True,
+        "where": "devices/a.yaml:2:5",
+        "codec": "osm-v2",
+        "last_seen_ms": now_ms(),
+        "interval_ms": 10_000,
+        "latest": {"spindle_current": [12.096, "A", now_ms()], "CC1": [4, "mA", now_ms()]},
+        "uplinks": 1,
+        "readings": 1,
+        "dead_letters": 0,
+        "log_events": 0,
+        "foreign_tenant": 0,
+        "last_dead_letter": None,
+        "last_log": None,
+        "verdict": "ok",
+    }
+    lines = format_device(entry, {}).splitlines()
+    assert any(line.startswith("  spindle_current 12.096 A  at ") for line in lines), lines
+    assert any(line.startswith("  CC1           4 mA  at ") for line in lines), lines
