@@ -169,10 +169,9 @@ def near_misses(device: str, heard: list[str]) -> list[str]:
     kind, _, ident = device.partition(":")
     found = []
     for other in heard:
-        other_kind, _, other_id = other.partition(":")
-        how = _how_near(other_id, ident) if other_kind == kind else None
+        how = _near_key(other, device)
         if how:
-            found.append(f"unmapped {kind} {other_id} was heard: {how} this device's {ident}")
+            found.append(f"unmapped {kind} {other.partition(':')[2]} was heard: {how} this device's {ident}")
     return found
 
 
@@ -230,14 +229,27 @@ def device_table(report: dict[str, Any], maps: dict[str, Any]) -> list[dict[str,
     # What the running daemon has loaded (a map edited on disk applies only after a reload).
     in_use = report.get("devices_in_use")
     loaded = {d["device"] for d in in_use} if daemon.get("running") and in_use is not None else None
+    unheard = [key for key in mapped if not (rows.get(key) or {}).get("last_seen_ms")]
     table = []
     for key in sorted(mapped, key=lambda k: mapped[k]["sensor_id"]):
         row = rows.get(key)
         says = verdict(mapped[key], row, strays, started, now, None if loaded is None else key in loaded)
         table.append(_device_entry(key, mapped[key], row, says))
     for key in sorted(strays):
-        table.append(_device_entry(key, None, rows[key], verdict(None, rows[key], strays, started, now)))
+        says = verdict(None, rows[key], strays, started, now)
+        near = [(how, other) for other in unheard if (how := _near_key(key, other))]
+        if near:
+            how, other = near[0]
+            says += f": {how} {other.partition(':')[2]} ({mapped[other]['sensor_id']}), never heard"
+        table.append(_device_entry(key, None, rows[key], says))
     return table
+
+
+def _near_key(heard: str, mapped: str) -> str | None:
+    """How a heard device key is a likely typo of a mapped one of the same kind (or None)."""
+    kind, _, ident = heard.partition(":")
+    other_kind, _, other_id = mapped.partition(":")
+    return _how_near(ident, other_id) if kind == other_kind else None
 
 
 def _device_entry(key: str, mapped: dict[str, Any] | None, row: dict[str, Any] | None, says: str) -> dict[str, Any]:

@@ -92,7 +92,8 @@ def site(tmp_path: Path) -> Path:
 
 def test_status_lists_every_mapped_device_with_a_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """All mapped devices appear, heard or not, each with its verdict; an unmapped device heard is
-    listed too; the near-miss names the unmapped id heard and the mapped one it is near."""
+    listed too; the near-miss names the unmapped id heard and the mapped one it is near, on both
+    lines (an engineer may ask by the id on the label or by the sensor_id in the map)."""
     cfg = site(tmp_path)
     assert main(["status", "--json", "-c", str(cfg)]) == 0
     table = {e["id"]: e for e in json.loads(capsys.readouterr().out)["device_table"]}
@@ -106,7 +107,10 @@ def test_status_lists_every_mapped_device_with_a_verdict(tmp_path: Path, capsys:
     assert table["70b3d57ed000bbbb"]["verdict"] == "other tenant"
     assert table["70b3d57ed000cccc"]["verdict"] == "frame-counter reset"
     assert table["0A1B2C3D"]["verdict"].startswith("never heard since ")
-    assert table["70b3d57ed0001243"]["verdict"] == "heard but in no map" and not table["70b3d57ed0001243"]["mapped"]
+    assert table["70b3d57ed0001243"]["verdict"] == (
+        "heard but in no map: two neighbouring digits swapped from 70b3d57ed0001234 (press), never heard"
+    )
+    assert not table["70b3d57ed0001243"]["mapped"]
     assert main(["status", "-c", str(cfg)]) == 0
     text = capsys.readouterr().out
     assert "cloud link:    unknown" in text
