@@ -579,7 +579,9 @@ class Service:
         reason code (a connection refused or dropped, or a publish refused)."""
         connected = self.publisher.connected
         if self._link is None or self._link[0] != connected:
-            self._link = (connected, now_ms())
+            # Since the change itself where the publisher knows it, not since this heartbeat.
+            changed = getattr(self.publisher, "link_changed_ms", None)
+            self._link = (connected, changed if changed is not None else now_ms())
         errors = []
         if getattr(self.publisher, "last_error", None):
             errors.append(

@@ -169,17 +169,25 @@ def near_misses(device: str, heard: list[str]) -> list[str]:
     kind, _, ident = device.partition(":")
     found = []
     for other in heard:
-        other_kind, _, other_id = other.partition(":")
-        how = _how_near(other_id, ident) if other_kind == kind else None
+        how = _near_key(other, device)
         if how:
-            found.append(f"unmapped {kind} {other_id} was heard: {how} this device's {ident}")
+            found.append(f"unmapped {kind} {other.partition(':')[2]} was heard: {how} this device's {ident}")
     return found
 
 
+RELOAD = "reload (systemctl reload hub-gateway)"
+
+
 def verdict(
-    mapped: dict[str, Any] | None, row: dict[str, Any] | None, strays: list[str], started_ms: int | None, now: int
+    mapped: dict[str, Any] | None,
+    row: dict[str, Any] | None,
+    strays: list[str],
+    started_ms: int | None,
+    now: int,
+    loaded: bool | None = None,
 ) -> str:
-    """One line on why a device is silent, or "ok"."""
+    """One line on why a device is silent, or "ok". `loaded`: whether the running daemon has the
+    device in its maps (False: only the map on disk names it; None: not known, no daemon runs)."""
     if mapped is None:
         return "heard but in no map"
     heard = row is not None and bool(row.get("last_seen_ms"))
@@ -187,9 +195,15 @@ def verdict(
         near = near_misses(mapped["device"], strays)
         if near:
             return near[0]
-        return f"never heard since {_clock(started_ms)}" if started_ms else "never heard"
+        never = f"never heard since {_clock(started_ms)}" if started_ms else "never heard"
+        return f"{never}; the running daemon has not loaded it: {RELOAD}" if loaded is False else never
     assert row is not None
     outcome, last_log = row.get("last_outcome"), row.get("last_log") or ""
+    if outcome == "unmapped":
+        # Its uplinks are kept for replay, not decoded: never "ok", however recent.
+        if loaded is False:
+            return f"heard, but in none of the running daemon's maps: {RELOAD}"
+        return "heard while in no map; mapped since: no uplink of it decoded yet"
     if outcome == "other tenant" or (row["foreign_tenant"] and not row["uplinks"]):
         return "other tenant"
     if outcome == "dead letter" or (outcome == "log" and "UPLINK_CODEC" in last_log):
@@ -210,14 +224,32 @@ def device_table(report: dict[str, Any], maps: dict[str, Any]) -> list[dict[str,
     rows = {d["device"]: d for d in report.get("devices", [])}
     mapped = {m["device"]: m for m in maps["devices"]}
     strays = [key for key in rows if key not in mapped]
-    started = (report.get("daemon") or {}).get("started_ms")
+    daemon = report.get("daemon") or {}
+    started = daemon.get("started_ms")
+    # What the running daemon has loaded (a map edited on disk applies only after a reload).
+    in_use = report.get("devices_in_use")
+    loaded = {d["device"] for d in in_use} if daemon.get("running") and in_use is not None else None
+    unheard = [key for key in mapped if not (rows.get(key) or {}).get("last_seen_ms")]
     table = []
     for key in sorted(mapped, key=lambda k: mapped[k]["sensor_id"]):
         row = rows.get(key)
-        table.append(_device_entry(key, mapped[key], row, verdict(mapped[key], row, strays, started, now)))
+        says = verdict(mapped[key], row, strays, started, now, None if loaded is None else key in loaded)
+        table.append(_device_entry(key, mapped[key], row, says))
     for key in sorted(strays):
-        table.append(_device_entry(key, None, rows[key], verdict(None, rows[key], strays, started, now)))
+        says = verdict(None, rows[key], strays, started, now)
+        near = [(how, other) for other in unheard if (how := _near_key(key, other))]
+        if near:
+            how, other = near[0]
+            says += f": {how} {other.partition(':')[2]} ({mapped[other]['sensor_id']}), never heard"
+        table.append(_device_entry(key, None, rows[key], says))
     return table
+
+
+def _near_key(heard: str, mapped: str) -> str | None:
+    """How a heard device key is a likely typo of a mapped one of the same kind (or None)."""
+    kind, _, ident = heard.partition(":")
+    other_kind, _, other_id = mapped.partition(":")
+    return _how_near(ident, other_id) if kind == other_kind else None
 
 
 def _device_entry(key: str, mapped: dict[str, Any] | None, row: dict[str, Any] | None, says: str) -> dict[str, Any]:
@@ -316,7 +348,7 @@ def format_device(e: dict[str, Any], report: dict[str, Any]) -> str:
         started = (report.get("daemon") or {}).get("started_ms")
         lines.append("  last seen:    never" + (f" since {_clock(started)}" if started else ""))
     for metric, (value, unit, t_ms) in sorted(e["latest"].items()):
-        lines.append(f"  {metric:<14}{value}{' ' + unit if unit else ''}  at {_clock(t_ms)}")
+        lines.append(f"  {metric:<13} {value}{' ' + unit if unit else ''}  at {_clock(t_ms)}")
     lines.append(
         f"  counts:       {e['uplinks']} uplinks, {e['readings']} readings, {e['dead_letters']} dead letters, "
         f"{e['log_events']} log events, {e['foreign_tenant']} from another tenant"

@@ -101,3 +101,22 @@ def test_metrics_listen_takes_host_and_port_and_knows_loopback() -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     with pytest.raises(ValueError, match="host:port"):
         MetricsSettings(listen="9464")
+
+
+def test_status_says_since_when_the_cloud_link_is_up_to_the_moment_it_connected(
+    local_broker: Mosquitto, cloud_broker: Mosquitto, certs: TestCerts, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    """`status` shows the cloud link "connected since" the connection itself (the log's
+    "connected to cloud"), not since the heartbeat that first wrote it: with a 10 s
+    status_interval those differ by up to 10 s."""
+    from datetime import datetime
+
+    daemon = Daemon(tmp_path / "gw", local_broker, cloud_broker, certs, DEVICES)
+    daemon.config.write_text(daemon.config.read_text().replace("status_interval: 2s", "status_interval: 10s"))
+    daemons.append(daemon)
+    daemon.start()
+    report = daemon.wait_status(lambda s: s["cloud"] is not None and s["cloud"]["connected"], timeout=30)
+    (line,) = [json.loads(x) for x in daemon.log_path.read_text().splitlines() if '"connected to cloud"' in x]
+    connected_ms = datetime.fromisoformat(line["timestamp"]).timestamp() * 1000
+    assert abs(report["cloud"]["since_ms"] - connected_ms) < 1000, (report["cloud"], line["timestamp"])
+    assert daemon.stop()[0] == 0

@@ -5,6 +5,7 @@ answered with the devices the running daemon uses."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from gateway.model import (
     Unmapped,
     Uplink,
 )
-from gateway.status import edit_distance
+from gateway.status import _clock, edit_distance, format_device
 from tests.support.site import directory_site
 
 MAP = """\
@@ -91,7 +92,8 @@ def site(tmp_path: Path) -> Path:
 
 def test_status_lists_every_mapped_device_with_a_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """All mapped devices appear, heard or not, each with its verdict; an unmapped device heard is
-    listed too; the near-miss names the unmapped id heard and the mapped one it is near."""
+    listed too; the near-miss names the unmapped id heard and the mapped one it is near, on both
+    lines (an engineer may ask by the id on the label or by the sensor_id in the map)."""
     cfg = site(tmp_path)
     assert main(["status", "--json", "-c", str(cfg)]) == 0
     table = {e["id"]: e for e in json.loads(capsys.readouterr().out)["device_table"]}
@@ -105,7 +107,10 @@ def test_status_lists_every_mapped_device_with_a_verdict(tmp_path: Path, capsys:
     assert table["70b3d57ed000bbbb"]["verdict"] == "other tenant"
     assert table["70b3d57ed000cccc"]["verdict"] == "frame-counter reset"
     assert table["0A1B2C3D"]["verdict"].startswith("never heard since ")
-    assert table["70b3d57ed0001243"]["verdict"] == "heard but in no map" and not table["70b3d57ed0001243"]["mapped"]
+    assert table["70b3d57ed0001243"]["verdict"] == (
+        "heard but in no map: two neighbouring digits swapped from 70b3d57ed0001234 (press), never heard"
+    )
+    assert not table["70b3d57ed0001243"]["mapped"]
     assert main(["status", "-c", str(cfg)]) == 0
     text = capsys.readouterr().out
     assert "cloud link:    unknown" in text
@@ -181,3 +186,73 @@ def test_edit_distance_counts_a_swap_as_one_edit() -> None:
     assert edit_distance("1234", "12345") == 1
     assert edit_distance("1234", "2143") == 2
     assert edit_distance("abcd", "wxyz") == 4
+
+
+def test_a_metric_name_longer_than_its_column_is_kept_apart_from_its_value() -> None:
+    """`status DEVICE` lists the latest values in a column; a name longer than the column (a
+    renamed metric such as spindle_current) still has a space before its value."""
+    entry = {
+        "sensor_id": "press-07-clamp",
+        "kind": "dev_eui",
+        "id": "70b3d57ed0003e91",
+        "mapped": True,
+        "where": "devices/a.yaml:2:5",
+        "codec": "osm-v2",
+        "last_seen_ms": now_ms(),
+        "interval_ms": 10_000,
+        "latest": {"spindle_current": [12.096, "A", now_ms()], "CC1": [4, "mA", now_ms()]},
+        "uplinks": 1,
+        "readings": 1,
+        "dead_letters": 0,
+        "log_events": 0,
+        "foreign_tenant": 0,
+        "last_dead_letter": None,
+        "last_log": None,
+        "verdict": "ok",
+    }
+    lines = format_device(entry, {}).splitlines()
+    assert any(line.startswith("  spindle_current 12.096 A  at ") for line in lines), lines
+    assert any(line.startswith("  CC1           4 mA  at ") for line in lines), lines
+
+
+def test_a_device_mapped_on_disk_but_not_reloaded_is_not_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Commissioning: a new device was heard while in no map, then added to the map on disk. Until
+    the running daemon reloads, `status` must not call it "ok" (its uplinks are still kept as
+    unmapped): it says to reload; once the daemon runs with the new map it says no uplink of it has
+    been decoded yet, until one is."""
+    cfg = directory_site(tmp_path)
+    (tmp_path / "devices" / "a.yaml").write_text(
+        "devices:\n  - {dev_eui: 70b3d57ed0003e91, sensor_id: new, codec: osm-v2}\n"
+        "  - {dev_eui: 70b3d57ed0003e00, sensor_id: unpowered, codec: osm-v2}\n"
+    )
+    b = Buffer(tmp_path / "buffer.db")
+    now = now_ms()
+    b.note_state("started_ms", now - 10 * MINUTE)
+    b.note_state("devices", [])  # the daemon runs with the map before the edit
+    b.store([Unmapped(Uplink("c/new", key("70b3d57ed0003e91"), b"\x01", now, now))])
+    b.heartbeat(pid=os.getpid())  # a running daemon: this process
+
+    def verdicts() -> dict[str, str]:
+        assert main(["status", "--json", "-c", str(cfg)]) == 0
+        return {e["sensor_id"]: e["verdict"] for e in json.loads(capsys.readouterr().out)["device_table"]}
+
+    assert verdicts() == {
+        "new": "heard, but in none of the running daemon's maps: reload (systemctl reload hub-gateway)",
+        "unpowered": "never heard since "
+        + _clock(now - 10 * MINUTE)
+        + "; the running daemon has not loaded it: reload (systemctl reload hub-gateway)",
+    }
+    b.note_state(
+        "devices",
+        [
+            {"device": "dev_eui:70b3d57ed0003e91", "sensor_id": "new", "codec": "osm-v2", "where": "a.yaml:2:5"},
+            {"device": "dev_eui:70b3d57ed0003e00", "sensor_id": "unpowered", "codec": "osm-v2", "where": "a.yaml:3:5"},
+        ],
+    )
+    b.heartbeat(pid=os.getpid())
+    assert verdicts()["new"] == "heard while in no map; mapped since: no uplink of it decoded yet"
+    assert verdicts()["unpowered"].startswith("never heard since ") and "reload" not in verdicts()["unpowered"]
+    b.store([to_record(uplink("70b3d57ed0003e91", "new", now + 1000, 1))])
+    b.heartbeat(pid=os.getpid())
+    assert verdicts()["new"] == "ok"
+    b.close()

@@ -63,6 +63,8 @@ class IotCorePublisher:
         #: The MQTT reason code of that error (CONNACK or DISCONNECT), and when it came.
         self.last_error_code: int | None = None
         self.last_error_ms: int | None = None
+        #: When the connection last came up or went down (None: not yet either).
+        self.link_changed_ms: int | None = None
         #: Maximum Packet Size from the broker's CONNACK (MQTT's own maximum when it sets none).
         self.max_packet_size: int | None = None
         connect = mqtt5.ConnectPacket()
@@ -240,6 +242,7 @@ class IotCorePublisher:
         settings = getattr(data, "negotiated_settings", None)
         self.max_packet_size = getattr(settings, "maximum_packet_size_to_server", None)
         self.epoch += 1
+        self.link_changed_ms = now_ms()
         self._connected.set()
         log.info(
             "connected to cloud", endpoint=self._settings.endpoint, port=self._settings.port, client_id=self._client_id
@@ -253,6 +256,7 @@ class IotCorePublisher:
 
     def _on_disconnection(self, data: mqtt5.LifecycleDisconnectData) -> None:
         self._connected.clear()
+        self.link_changed_ms = now_ms()
         reason = describe_lifecycle(data)
         self._note_error(reason, data)
         log.warning("disconnected from cloud", reason=reason)
