@@ -267,7 +267,8 @@ def test_dead_letters_and_device_counts_are_kept(make: Make) -> None:
     assert [(d["reason"], d["payload_hex"]) for d in report["dead_letters"]["latest"]] == [
         ("osm-v2: truncated", "0243")
     ]
-    assert [(d["uplinks"], d["readings"], d["dead_letters"]) for d in report["devices"]] == [(1, 3, 1)]
+    # Two uplinks heard: one gave 3 readings, the other is the dead letter.
+    assert [(d["uplinks"], d["readings"], d["dead_letters"]) for d in report["devices"]] == [(2, 3, 1)]
 
 
 def test_a_heartbeat_during_stores_loses_no_device_counts(make: Make) -> None:
@@ -319,6 +320,33 @@ def test_unmapped_uplinks_are_read_in_pages(make: Make) -> None:
         pages.append(len(page))
         after = page[-1][0]
     assert sum(pages) == 50 and max(pages) <= 5
+
+
+def test_a_device_counts_each_uplink_once_through_dead_letters_and_replays(make: Make) -> None:
+    """A device's `uplinks` counts every uplink it sent once: a dead letter is one, an uplink
+    kept while unmapped is one, and neither counts again when a reload decodes it after all
+    (its readings are counted then). Seen in commissioning: 9 uplinks sent showed as 14."""
+    b = make()
+    device = DeviceKey("dev_eui", "70b3d57ed0003e91")
+    kept = [Unmapped(Uplink(f"chirpstack/k{i}", device, b"\x01", 1_000 + i, 1_000 + i)) for i in range(3)]
+    letter = DeadLetter(DEV, "chirpstack/bad", 1, "osm-v2: truncated", b"\x02", 2_000)
+    b.store([*kept, letter, uplink(1)])
+    counts = {d["device"]: d for d in b.report()["devices"]}
+    assert counts[str(device)]["uplinks"] == 3
+    assert (counts[str(DEV)]["uplinks"], counts[str(DEV)]["dead_letters"]) == (2, 1)
+
+    # A reload maps the device (its kept uplinks decode) and mends DEV's codec (the letter decodes).
+    page = b.buffer.unmapped()
+    replayed = [
+        DecodedUplink(u.source, "s9", device, u.received_ms, {}, (Reading("CC1", 1, "mA", u.time_ms),)) for _, u in page
+    ]
+    b.store(replayed)
+    b.buffer.forget_unmapped([row for row, _ in page])
+    b.store([DecodedUplink("chirpstack/bad", "s1", DEV, 2_000, {}, (Reading("CC1", 2, "mA", 2_000),))])
+    b.buffer.forget_dead_letters([1])
+    counts = {d["device"]: d for d in b.report()["devices"]}
+    assert (counts[str(device)]["uplinks"], counts[str(device)]["readings"]) == (3, 3)
+    assert (counts[str(DEV)]["uplinks"], counts[str(DEV)]["dead_letters"]) == (2, 0)
 
 
 def test_the_devices_table_keeps_only_the_newest_unmapped_devices(make: Make) -> None:

@@ -107,6 +107,7 @@ class Buffer(Bounds):
                     letters.append(o)
                     if o.device is not None:
                         d = devices.of(str(o.device), o.sensor_id, o.received_ms)
+                        d["up"] += 1  # an uplink of the device, though it gave no readings
                         d["dl"] += 1
                         devices.outcome(d, "dead letter", o.reason)
                 elif isinstance(o, Unmapped):
@@ -309,7 +310,9 @@ class Buffer(Bounds):
                 for size, device, sensor_id in gone:
                     self._totals["dead_letter_bytes"] -= size
                     if device is not None:  # the device's count is of letters still dead
-                        self._devices.of(device, sensor_id)["dl"] -= 1
+                        d = self._devices.of(device, sensor_id)
+                        d["dl"] -= 1
+                        d["up"] -= 1  # its uplink counted when it came: the decoded one counted it again
                 if gone:
                     self.count("dead_letters_decoded_again", len(gone))
                 self._save_state()
@@ -321,8 +324,10 @@ class Buffer(Bounds):
         with self._lock:
 
             def work(db: sqlite3.Connection) -> None:
-                for size, _, _ in side.forget_rows(db, "unmapped", ids):
+                for size, device, _ in side.forget_rows(db, "unmapped", ids):
                     self._totals["unmapped_bytes"] -= size
+                    # Counted as an uplink when it came unmapped: its replay counted it again.
+                    self._devices.of(device, None)["up"] -= 1
                 self._save_state()
 
             self._write(work, drain=True)
