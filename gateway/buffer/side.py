@@ -214,7 +214,9 @@ class DeviceCounts:
         times (not receive times: a backlog redelivered after a restart arrives all at once)."""
         if not latest:
             return
-        values = d.setdefault("latest", {})
+        values = d.get("latest")
+        if values is None:
+            values = d["latest"] = {}
         data_ms = latest[0][3]
         for metric, value, unit, t_ms in latest:
             if t_ms > data_ms:
