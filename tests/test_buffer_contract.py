@@ -606,6 +606,43 @@ def test_a_gap_names_each_reason_once(make: Make) -> None:
     assert sorted(reasons) == ["max_age", "max_size"]
 
 
+def test_a_drop_is_counted_as_well_as_reported_in_the_gap(make: Make) -> None:
+    """drop-oldest says so with a counter too: `dropped_readings` counts every reading a bound
+    dropped, for age and for size, and is kept across a reopen."""
+    now = now_ms()
+    b = make(max_size=3_000, gzip=False, max_age_s=60.0)
+    b.store([uplink(i, readings=5, received_ms=now - 120_000) for i in range(3)])
+    aged = b.buffer.enforce_bounds(at_ms=now)
+    assert aged is not None and aged.reasons == ["max_age"]
+    sized = 0
+    for g in range(20):
+        result = b.store([uplink(100 + g * 5 + i, readings=5, received_ms=now) for i in range(5)])
+        sized += result.dropped.readings if result.dropped else 0
+    assert sized > 0
+    assert b.report()["counters"]["dropped_readings"] == aged.readings + sized
+    b.close()
+    assert make().report()["counters"]["dropped_readings"] == aged.readings + sized
+
+
+def test_a_released_take_past_max_age_is_dropped_and_reported(make: Make) -> None:
+    """max_age holds for records handed out and given back too: a released take whose records
+    are past max_age is dropped by the next bound, the gap says so, and it does not come back
+    after a restart. Only records out in a take not ended wait for the cloud's answer."""
+    b = make(max_age_s=60, gzip=False)
+    b.store([uplink(1, received_ms=0)])
+    old = b.take()
+    assert old is not None
+    old.take.release()
+    b.store([uplink(2, received_ms=100_000)])  # the commit that records the take
+    gap = b.buffer.enforce_bounds(at_ms=100_000)
+    assert gap is not None and (gap.readings, gap.reasons) == (3, ["max_age"])
+    b.close()
+    b = make(max_age_s=60, gzip=False)
+    sent = b.drain(live=False)
+    assert sources(sent) == ["chirpstack/2"] * 3
+    assert wire.decode_message(sent[0].payload)["meta"]["gap"]["readings"] == 3
+
+
 def test_stop_intake_refuses_when_full(make: Make) -> None:
     """Under stop-intake a full buffer raises BufferFullError and stores nothing of the group."""
     b = make(max_size=2_000, when_full="stop-intake")
