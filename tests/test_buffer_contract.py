@@ -656,6 +656,22 @@ def test_stop_intake_refuses_when_full(make: Make) -> None:
     assert b.buffer.enforce_bounds() is None  # stop-intake never drops
 
 
+def test_stop_intake_stores_a_groups_first_uplinks_that_fit_and_says_how_many(make: Make) -> None:
+    """Under stop-intake a group larger than the room left is committed from its first uplink as
+    far as it fits, and `taken` says how many (intake acknowledges only those); the rest is not
+    stored, so its redelivery is stored once there is room, not counted a duplicate."""
+    group = [uplink(i, received_ms=now_ms()) for i in range(40)]
+    b = make(max_size=2_000, when_full="stop-intake")
+    result = b.store(group)
+    assert 0 < result.taken < len(group) and result.stored == result.taken
+    assert b.buffer.depth().uplinks == result.taken
+    b.close()
+    b = make(max_size=1_000_000, when_full="stop-intake")
+    rest = b.store(group[result.taken :])
+    assert (rest.stored, rest.duplicates) == (len(group) - result.taken, 0)
+    assert b.store(group[: result.taken]).duplicates == result.taken
+
+
 def test_a_full_disk_refuses_intake_whole_but_leaves_the_drain_room(make: Make, tmp_path: Path) -> None:
     """With the filesystem nearly full (the injected free-space probe says so), a group that
     does not fit is refused whole (DiskFullError, nothing stored); the drain still works in the
