@@ -27,7 +27,16 @@ import pytest
 
 from gateway import wire
 from gateway.batching import Batcher, Ids, to_record
-from gateway.buffer import Buffer, TakeState, damage_marker, integrity_problems, mark_damaged, now_ms, view
+from gateway.buffer import (
+    Buffer,
+    TakeState,
+    connect,
+    damage_marker,
+    integrity_problems,
+    mark_damaged,
+    now_ms,
+    view,
+)
 from gateway.buffer.files import WAL_ALLOWANCE
 from gateway.buffer.room import DRAIN_RESERVE, disk_free
 from gateway.errors import BufferBusyError, BufferFullError, BufferLostError, DiskFullError
@@ -792,6 +801,18 @@ def test_a_deleted_buffer_file_is_noticed_and_its_content_written_back(make: Mak
         b.store([uplink(9)])
     assert b.buffer.rescue() == tmp_path / "b.db"
     assert make().buffer.depth().readings == 15
+
+
+def test_every_commit_is_fsynced_before_store_returns(tmp_path: Path) -> None:
+    """Intake acknowledges upstream once `store` returns, so a commit must survive a power cut,
+    not only a crash of the process: the buffer's connections run in WAL mode with
+    synchronous=FULL (NORMAL would leave the last commits in the page cache)."""
+    db = connect(tmp_path / "x.db")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        db.close()
 
 
 def test_disk_full_is_known_by_sqlites_code_not_by_the_word_full(tmp_path: Path) -> None:
