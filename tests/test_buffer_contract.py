@@ -1021,3 +1021,23 @@ def test_a_split_message_is_not_sent_again_whole_after_a_crash(make: Make, tmp_p
     after = Rig(Buffer(copy), 8192, False)
     again = after.drain(live=False)
     assert sorted((m.seq, m.payload) for m in again) == sorted((p.seq, p.payload) for p in parts)
+
+
+def test_a_batch_confirmed_just_before_a_crash_comes_back_only_as_itself(make: Make, tmp_path: Path) -> None:
+    """Deleting what the cloud confirmed may wait for the next commit. A crash in between may
+    send the confirmed batch again, but only as itself (same id, same bytes: a duplicate the
+    batch id shows), never its readings in another message; after that commit, nothing."""
+    b = make(max_bytes=4096, gzip=True)
+    b.store([uplink(i, received_ms=now_ms()) for i in range(5)])
+    batch = b.take()
+    assert batch is not None
+    b.buffer.settle(force=True)  # recorded: from now it may be published
+    batch.take.confirm()
+    early = Rig(Buffer(crash_copy(b.buffer, tmp_path / "early")), 4096, True)
+    for again in early.drain(live=False):
+        assert again.seq == batch.seq and again.payload == batch.payload
+    early.close()
+    b.buffer.settle(force=True)
+    late = Buffer(crash_copy(b.buffer, tmp_path / "late"))
+    assert late.depth().total_readings == 0
+    late.close()
