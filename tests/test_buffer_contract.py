@@ -133,19 +133,16 @@ def test_keys_outlive_a_reopen_and_the_readings_being_sent(make: Make) -> None:
     assert b.store([uplink(3, received_ms=now_ms())]).duplicates == 1
 
 
-def test_idempotency_keys_are_bounded_to_the_newest(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At most SEEN_KEPT_ROWS keys, the newest, are kept across a reopen: within that window a
-    redelivery is a duplicate, past it the key is forgotten."""
-    from gateway.buffer import core as impl
-
-    monkeypatch.setattr(impl, "SEEN_KEPT_ROWS", 50)
-    b = make()
+def test_idempotency_keys_are_bounded_to_the_newest(make: Make) -> None:
+    """At most `seen_kept` keys (SEEN_KEPT_ROWS by default), the newest, are kept across a
+    reopen: within that window a redelivery is a duplicate, past it the key is forgotten."""
+    b = make(seen_kept=50)
     for g in range(12):
         b.store([uplink(g * 10 + i, received_ms=now_ms()) for i in range(10)])
     b.drain()
     b.buffer.heartbeat()
     b.close()
-    b = make()
+    b = make(seen_kept=50)
     assert b.store([uplink(119, received_ms=now_ms())]).duplicates == 1  # recent keys still dedupe
     assert b.store([uplink(3, received_ms=now_ms())]).stored == 1  # past the window: forgotten
 
