@@ -297,6 +297,47 @@ def test_a_heartbeat_during_stores_loses_no_device_counts(make: Make) -> None:
     assert b.report()["devices"][0]["uplinks"] == 3000
 
 
+def test_a_store_failing_after_a_heartbeat_does_not_count_again_what_the_heartbeat_wrote(make: Make) -> None:
+    """store copies the per-device counts it restores on failure under the lock, not before it: a
+    heartbeat that writes the counts while a store waits for the lock is not undone when that
+    store's commit then fails, so no uplink is counted twice (issue 10 item 5)."""
+    mode = ["normal"]
+    heartbeat_in, go_on = threading.Event(), threading.Event()
+
+    def free_space(directory: Path) -> int:
+        if mode[0] == "hold":  # the heartbeat's commit, holding the lock: a store comes meanwhile
+            mode[0] = "fail"
+            heartbeat_in.set()
+            go_on.wait(5)
+        elif mode[0] == "fail":  # the store's commit, after the heartbeat
+            raise OSError("the store's commit fails")
+        return disk_free(directory)
+
+    b = make(free_space=free_space)
+    b.store([uplink(1)])  # counted, not yet written
+    mode[0] = "hold"
+    beat = threading.Thread(target=b.buffer.heartbeat)
+    beat.start()
+    assert heartbeat_in.wait(5)
+    failed: list[BaseException] = []
+
+    def store() -> None:
+        try:
+            b.store([uplink(2)])
+        except OSError as exc:
+            failed.append(exc)
+
+    storing = threading.Thread(target=store)
+    storing.start()
+    time.sleep(0.2)  # the store is now waiting for the heartbeat's lock
+    go_on.set()
+    beat.join()
+    storing.join()
+    mode[0] = "normal"
+    assert len(failed) == 1
+    assert [d["uplinks"] for d in b.report()["devices"]] == [1]
+
+
 def test_dead_letters_and_unmapped_uplinks_count_in_max_size_and_keep_their_share(make: Make) -> None:
     """Dead letters and unmapped uplinks are bounded in bytes (a tenth of max_size each, oldest
     pruned first, the newest always kept) and counted in max_size."""
