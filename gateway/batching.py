@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import wire
-from gateway.buffer import Buffer, Record, Stored, Take
-from gateway.buffer.results import gap_meta
+from gateway.buffer import Buffer, Gap, Record, Stored, Take
 from gateway.model import Batch, DeadLetter, DecodedUplink, DeviceKey, Reading, Value
 
 #: Integers the cloud can store: Snowflake's NUMBER(38).
@@ -57,6 +56,17 @@ def as_dead_letter(uplink: DecodedUplink, reason: str) -> DeadLetter:
         sensor_id=uplink.sensor_id,
         dedup_key=uplink.dedup_key,
     )
+
+
+def gap_meta(gap: Gap) -> dict[str, Any]:
+    """A gap the buffer reports (readings a bound dropped) as the `meta.gap` of the message."""
+    return {
+        "readings": gap.readings,
+        "uplinks": gap.uplinks,
+        "from": gap.from_ms,
+        "to": gap.to_ms,
+        "reason": ", ".join(gap.reasons),
+    }
 
 
 def series_problem(uplink: DecodedUplink, max_bytes: int, compress: bool) -> tuple[str, str | None]:

@@ -27,7 +27,16 @@ import pytest
 
 from gateway import wire
 from gateway.batching import Batcher, Ids, to_record
-from gateway.buffer import Buffer, TakeState, damage_marker, integrity_problems, mark_damaged, now_ms, view
+from gateway.buffer import (
+    Buffer,
+    TakeState,
+    connect,
+    damage_marker,
+    integrity_problems,
+    mark_damaged,
+    now_ms,
+    view,
+)
 from gateway.buffer.files import WAL_ALLOWANCE
 from gateway.buffer.room import DRAIN_RESERVE, disk_free
 from gateway.errors import BufferBusyError, BufferFullError, BufferLostError, DiskFullError
@@ -124,19 +133,16 @@ def test_keys_outlive_a_reopen_and_the_readings_being_sent(make: Make) -> None:
     assert b.store([uplink(3, received_ms=now_ms())]).duplicates == 1
 
 
-def test_idempotency_keys_are_bounded_to_the_newest(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At most SEEN_KEPT_ROWS keys, the newest, are kept across a reopen: within that window a
-    redelivery is a duplicate, past it the key is forgotten."""
-    from gateway.buffer import core as impl
-
-    monkeypatch.setattr(impl, "SEEN_KEPT_ROWS", 50)
-    b = make()
+def test_idempotency_keys_are_bounded_to_the_newest(make: Make) -> None:
+    """At most `seen_kept` keys (SEEN_KEPT_ROWS by default), the newest, are kept across a
+    reopen: within that window a redelivery is a duplicate, past it the key is forgotten."""
+    b = make(seen_kept=50)
     for g in range(12):
         b.store([uplink(g * 10 + i, received_ms=now_ms()) for i in range(10)])
     b.drain()
     b.buffer.heartbeat()
     b.close()
-    b = make()
+    b = make(seen_kept=50)
     assert b.store([uplink(119, received_ms=now_ms())]).duplicates == 1  # recent keys still dedupe
     assert b.store([uplink(3, received_ms=now_ms())]).stored == 1  # past the window: forgotten
 
@@ -290,6 +296,47 @@ def test_a_heartbeat_during_stores_loses_no_device_counts(make: Make) -> None:
         done.set()
         beater.join()
     assert b.report()["devices"][0]["uplinks"] == 3000
+
+
+def test_a_store_failing_after_a_heartbeat_does_not_count_again_what_the_heartbeat_wrote(make: Make) -> None:
+    """store copies the per-device counts it restores on failure under the lock, not before it: a
+    heartbeat that writes the counts while a store waits for the lock is not undone when that
+    store's commit then fails, so no uplink is counted twice (issue 10 item 5)."""
+    mode = ["normal"]
+    heartbeat_in, go_on = threading.Event(), threading.Event()
+
+    def free_space(directory: Path) -> int:
+        if mode[0] == "hold":  # the heartbeat's commit, holding the lock: a store comes meanwhile
+            mode[0] = "fail"
+            heartbeat_in.set()
+            go_on.wait(5)
+        elif mode[0] == "fail":  # the store's commit, after the heartbeat
+            raise OSError("the store's commit fails")
+        return disk_free(directory)
+
+    b = make(free_space=free_space)
+    b.store([uplink(1)])  # counted, not yet written
+    mode[0] = "hold"
+    beat = threading.Thread(target=b.buffer.heartbeat)
+    beat.start()
+    assert heartbeat_in.wait(5)
+    failed: list[BaseException] = []
+
+    def store() -> None:
+        try:
+            b.store([uplink(2)])
+        except OSError as exc:
+            failed.append(exc)
+
+    storing = threading.Thread(target=store)
+    storing.start()
+    time.sleep(0.2)  # the store is now waiting for the heartbeat's lock
+    go_on.set()
+    beat.join()
+    storing.join()
+    mode[0] = "normal"
+    assert len(failed) == 1
+    assert [d["uplinks"] for d in b.report()["devices"]] == [1]
 
 
 def test_dead_letters_and_unmapped_uplinks_count_in_max_size_and_keep_their_share(make: Make) -> None:
@@ -634,6 +681,43 @@ def test_a_gap_names_each_reason_once(make: Make) -> None:
     assert sorted(reasons) == ["max_age", "max_size"]
 
 
+def test_a_drop_is_counted_as_well_as_reported_in_the_gap(make: Make) -> None:
+    """drop-oldest says so with a counter too: `dropped_readings` counts every reading a bound
+    dropped, for age and for size, and is kept across a reopen."""
+    now = now_ms()
+    b = make(max_size=3_000, gzip=False, max_age_s=60.0)
+    b.store([uplink(i, readings=5, received_ms=now - 120_000) for i in range(3)])
+    aged = b.buffer.enforce_bounds(at_ms=now)
+    assert aged is not None and aged.reasons == ["max_age"]
+    sized = 0
+    for g in range(20):
+        result = b.store([uplink(100 + g * 5 + i, readings=5, received_ms=now) for i in range(5)])
+        sized += result.dropped.readings if result.dropped else 0
+    assert sized > 0
+    assert b.report()["counters"]["dropped_readings"] == aged.readings + sized
+    b.close()
+    assert make().report()["counters"]["dropped_readings"] == aged.readings + sized
+
+
+def test_a_released_take_past_max_age_is_dropped_and_reported(make: Make) -> None:
+    """max_age holds for records handed out and given back too: a released take whose records
+    are past max_age is dropped by the next bound, the gap says so, and it does not come back
+    after a restart. Only records out in a take not ended wait for the cloud's answer."""
+    b = make(max_age_s=60, gzip=False)
+    b.store([uplink(1, received_ms=0)])
+    old = b.take()
+    assert old is not None
+    old.take.release()
+    b.store([uplink(2, received_ms=100_000)])  # the commit that records the take
+    gap = b.buffer.enforce_bounds(at_ms=100_000)
+    assert gap is not None and (gap.readings, gap.reasons) == (3, ["max_age"])
+    b.close()
+    b = make(max_age_s=60, gzip=False)
+    sent = b.drain(live=False)
+    assert sources(sent) == ["chirpstack/2"] * 3
+    assert wire.decode_message(sent[0].payload)["meta"]["gap"]["readings"] == 3
+
+
 def test_stop_intake_refuses_when_full(make: Make) -> None:
     """Under stop-intake a full buffer raises BufferFullError and stores nothing of the group."""
     b = make(max_size=2_000, when_full="stop-intake")
@@ -645,6 +729,22 @@ def test_stop_intake_refuses_when_full(make: Make) -> None:
         b.store([uplink(999)])
     assert b.buffer.depth() == before
     assert b.buffer.enforce_bounds() is None  # stop-intake never drops
+
+
+def test_stop_intake_stores_a_groups_first_uplinks_that_fit_and_says_how_many(make: Make) -> None:
+    """Under stop-intake a group larger than the room left is committed from its first uplink as
+    far as it fits, and `taken` says how many (intake acknowledges only those); the rest is not
+    stored, so its redelivery is stored once there is room, not counted a duplicate."""
+    group = [uplink(i, received_ms=now_ms()) for i in range(40)]
+    b = make(max_size=2_000, when_full="stop-intake")
+    result = b.store(group)
+    assert 0 < result.taken < len(group) and result.stored == result.taken
+    assert b.buffer.depth().uplinks == result.taken
+    b.close()
+    b = make(max_size=1_000_000, when_full="stop-intake")
+    rest = b.store(group[result.taken :])
+    assert (rest.stored, rest.duplicates) == (len(group) - result.taken, 0)
+    assert b.store(group[: result.taken]).duplicates == result.taken
 
 
 def test_a_full_disk_refuses_intake_whole_but_leaves_the_drain_room(make: Make, tmp_path: Path) -> None:
@@ -767,6 +867,18 @@ def test_a_deleted_buffer_file_is_noticed_and_its_content_written_back(make: Mak
         b.store([uplink(9)])
     assert b.buffer.rescue() == tmp_path / "b.db"
     assert make().buffer.depth().readings == 15
+
+
+def test_every_commit_is_fsynced_before_store_returns(tmp_path: Path) -> None:
+    """Intake acknowledges upstream once `store` returns, so a commit must survive a power cut,
+    not only a crash of the process: the buffer's connections run in WAL mode with
+    synchronous=FULL (NORMAL would leave the last commits in the page cache)."""
+    db = connect(tmp_path / "x.db")
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        db.close()
 
 
 def test_disk_full_is_known_by_sqlites_code_not_by_the_word_full(tmp_path: Path) -> None:
@@ -975,3 +1087,23 @@ def test_a_split_message_is_not_sent_again_whole_after_a_crash(make: Make, tmp_p
     after = Rig(Buffer(copy), 8192, False)
     again = after.drain(live=False)
     assert sorted((m.seq, m.payload) for m in again) == sorted((p.seq, p.payload) for p in parts)
+
+
+def test_a_batch_confirmed_just_before_a_crash_comes_back_only_as_itself(make: Make, tmp_path: Path) -> None:
+    """Deleting what the cloud confirmed may wait for the next commit. A crash in between may
+    send the confirmed batch again, but only as itself (same id, same bytes: a duplicate the
+    batch id shows), never its readings in another message; after that commit, nothing."""
+    b = make(max_bytes=4096, gzip=True)
+    b.store([uplink(i, received_ms=now_ms()) for i in range(5)])
+    batch = b.take()
+    assert batch is not None
+    b.buffer.settle(force=True)  # recorded: from now it may be published
+    batch.take.confirm()
+    early = Rig(Buffer(crash_copy(b.buffer, tmp_path / "early")), 4096, True)
+    for again in early.drain(live=False):
+        assert again.seq == batch.seq and again.payload == batch.payload
+    early.close()
+    b.buffer.settle(force=True)
+    late = Buffer(crash_copy(b.buffer, tmp_path / "late"))
+    assert late.depth().total_readings == 0
+    late.close()

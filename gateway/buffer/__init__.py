@@ -5,24 +5,29 @@ The interface::
     intake ──store(records, dead letters, ...)──▶ Buffer ◀──take(live, max_raw)── batching stage
              (returns after fsync: ack upstream)    │          │ a Take: records, seq, gap
                                                     │          ▼
+                                                    │   take.record()   written by the next commit:
+                                                    │                   only then is it published
+                                                    │   then ended exactly once:
                                                     │   take.confirm()  PUBACK success: gone
                                                     │   take.release()  later, same seq and bytes
                                                     │   take.reject(ls) refused for good: dead letters
                                                     │   take.divide(ps) too large: stored again in parts
+                                                    │   (take.shrink(n) before its message is formed)
                                                     │
-             depth() · live_waited() · enforce_bounds() · settle() · heartbeat() · close()
-             status and reports read a closed or running buffer through `view.read`, never its tables
+             mark_live() · depth() · live_waited() · enforce_bounds() · settle() · heartbeat() · close()
+             `status` reads the file, closed or running, through `view.read`; the daemon's health
+             and metrics through the open Buffer's read methods; neither through its tables
 
 The life of a reading: intake decodes an uplink and the batching stage (`gateway.batching`)
 makes it a `Record` (its series text, opaque here). `store` commits a group of records as one
 compressed chunk and only then may intake acknowledge upstream. The record waits, live (stored
-since the cloud connected) or backlog, until `take` hands it out, oldest first, in a `Take`;
-the batching stage makes the take a message, the next commit records the take (`take.record()`:
-after a crash the same message goes again, same id and bytes), and only then does the
-dispatcher publish it. IoT Core's PUBACK
-confirms the take and the record leaves the buffer with its chunk's last confirmation. A bound
-(`max_age`, `max_size` under `drop-oldest`) may drop records not handed out; the drop is
-reported in the `meta.gap` of the next message.
+since the cloud connected, `mark_live`) or backlog, until `take` hands it out, oldest first, in
+a `Take`; the batching stage makes the take a message, the next commit records the take
+(`take.record()`: after a crash the same message goes again, same id and bytes), and only then
+does the dispatcher publish it. IoT Core's PUBACK confirms the take and the record leaves the
+buffer with its chunk's last confirmation (deleted by the next commit). A bound (`max_age`,
+`max_size` under `drop-oldest`) may drop records not out in a take (a released take past
+`max_age` included); the drop is counted and reported in the `meta.gap` of the next message.
 
 The files, one job each:
 
@@ -36,7 +41,7 @@ The files, one job each:
 - `side.py`: dead letters, unmapped uplinks, device counters and details beside the readings;
 - `room.py`: room on disk, so a full disk still drains;
 - `migrate.py`: a first-version file carried over;
-- `view.py`: the read-only view for `status` and reports;
+- `view.py`: the read-only view `status` reads, closed or running;
 - `results.py`: what store, depth and bounds answer.
 """
 

@@ -99,6 +99,7 @@ class Core:
         free_space: FreeSpace = disk_free,
         clock: Callable[[], int] = now_ms,
         monotonic: Callable[[], float] = time.monotonic,
+        seen_kept: int = SEEN_KEPT_ROWS,
     ) -> None:
         self.path = Path(path)
         self.max_size = max_size
@@ -106,6 +107,8 @@ class Core:
         self.when_full = when_full
         self._clock = clock
         self._monotonic = monotonic
+        #: Idempotency keys kept, the newest (SEEN_KEPT_ROWS; smaller in tests).
+        self._seen_kept = seen_kept
         self._lock = threading.RLock()
         self._room = Room(self.path, free_space)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,11 +228,11 @@ class Core:
         for table in ("chunks", "seen"):
             for (blob,) in db.execute(f"SELECT keys FROM {table} WHERE last_ms >= ? ORDER BY id DESC", (cutoff,)):
                 window.extend(reversed(rec.unpack_keys(blob)))
-                if len(window) >= SEEN_KEPT_ROWS:
+                if len(window) >= self._seen_kept:
                     break
-            if len(window) >= SEEN_KEPT_ROWS:
+            if len(window) >= self._seen_kept:
                 break
-        self._seen = dict.fromkeys(reversed(window[:SEEN_KEPT_ROWS]))
+        self._seen = dict.fromkeys(reversed(window[: self._seen_kept]))
 
     # ---- small state -------------------------------------------------------------------
 

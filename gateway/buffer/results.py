@@ -98,14 +98,3 @@ class Gap:
             "to_ms": self.to_ms,
             "reason": ", ".join(self.reasons),
         }
-
-
-def gap_meta(gap: Gap) -> dict[str, Any]:
-    """A gap as the `meta.gap` of the message that reports it."""
-    return {
-        "readings": gap.readings,
-        "uplinks": gap.uplinks,
-        "from": gap.from_ms,
-        "to": gap.to_ms,
-        "reason": ", ".join(gap.reasons),
-    }

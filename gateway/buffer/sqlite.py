@@ -171,7 +171,7 @@ class Buffer(Bounds):
                 raise
             for key in keys:
                 self._seen[key] = None
-            while len(self._seen) > core.SEEN_KEPT_ROWS:
+            while len(self._seen) > self._seen_kept:
                 del self._seen[next(iter(self._seen))]
             for chunk_id, chunk in written:
                 self._untaken[chunk_id >= self.live_from].add(
@@ -272,11 +272,11 @@ class Buffer(Bounds):
 
     def _prune_seen(self, db: sqlite3.Connection) -> None:
         cutoff = self._clock() - core.SEEN_KEPT_MS
-        # The rows holding the newest SEEN_KEPT_ROWS keys stay; older rows go, and rows past the age.
+        # The rows holding the newest `seen_kept` keys stay; older rows go, and rows past the age.
         acc, oldest_kept = 0, None
         for rid, n in db.execute("SELECT id, length(keys) FROM seen ORDER BY id DESC"):
             acc += n // rec.KEY_BYTES
-            if acc >= core.SEEN_KEPT_ROWS:
+            if acc >= self._seen_kept:
                 oldest_kept = rid
                 break
         db.execute("DELETE FROM seen WHERE last_ms < ? OR id < ?", (cutoff, oldest_kept or -1))

@@ -1,9 +1,10 @@
-"""The buffer as `status` and reports see it: read-only, whether or not the daemon runs.
+"""The buffer as `status` sees it: read-only, whether or not the daemon runs.
 
-Everything that reports on the buffer reads it through `read`, never its tables, so the
-storage may change without them. The daemon's heartbeat (every minute) writes the device
-counters and totals that this reads, and what the daemon noted (`Buffer.note_state`: the cloud link,
-the devices it runs with, its start); readings are counted from the file itself.
+`status` reads the buffer through `read`, never its tables, so the storage may change without
+it (the running daemon's own reports, health and metrics, ask the open `Buffer`). The daemon's
+heartbeat (every `buffer.status_interval`, 30 s by default) writes the device counters and
+totals that this reads, and what the daemon noted (`Buffer.note_state`: the cloud link, the
+devices it runs with, its start); readings are counted from the file itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from sqlite_utils import Database
 from gateway.buffer.files import connect, now_ms
 from gateway.buffer.schema import file_totals
 
-#: A heartbeat older than this means the daemon that wrote it is not running.
 #: A daemon that missed this many heartbeats (its interval is in the file) is not running.
 HEARTBEATS_MISSED = 3
 
