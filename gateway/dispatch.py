@@ -170,6 +170,7 @@ class Dispatcher:
                 if batch is None:
                     break
                 self._burst = full  # a full message: more may follow; a partial one ends the burst
+                burst_end = burst_end or (full and self._intake_idle())  # its last commit came
                 self._queue(batch)
                 if not self.live_due_now():
                     break

@@ -493,6 +493,27 @@ def test_settle_due_in_is_the_time_until_a_waiting_take_is_recorded_without_a_co
         buffer.close()
 
 
+def test_a_bursts_last_full_message_and_remainder_go_in_the_turn_intake_goes_idle(buffer: Buffer) -> None:
+    """When the burst's last commit brings a full message and more, and intake is idle after
+    it, the turn forms both and sends both: no commit of intake's is coming to record their
+    takes, so waiting for one left the burst's end a second (`settle`) behind its last commit."""
+    batcher = Batcher(buffer, Ids("gw-t-01", "acme", "leeds"), max_bytes=2000, compress=False)
+    publisher, clock = FakePublisher(), Clock()
+    idle = [False]
+    d = Dispatcher(batcher, publisher, max_in_flight=8, max_delay_s=60.0, clock=clock, intake_idle=lambda: idle[0])
+    d.publish_due()  # the connection starts: what comes now is live
+    for n in range(40):  # a burst: full messages go as they fill
+        buffer.store([to_record(uplink(n))])
+        turn(d)
+    assert publisher.sent
+    buffer.store([to_record(uplink(n)) for n in range(40, 80)])  # its last group: a full message and more
+    idle[0] = True  # and intake has nothing after it
+    d.collect_results()
+    d.publish_due()  # one turn, and no commit after it
+    assert sum(b.readings for b in publisher.sent) == 160
+    assert buffer.depth(live=True).total_readings == 0
+
+
 def test_a_bursts_remainder_goes_once_intake_is_idle_not_max_delay_later(buffer: Buffer) -> None:
     """Live readings that fill a message go at once; what a burst leaves after its last full
     message goes as soon as intake has nothing more, not max_delay later, and in the same turn
