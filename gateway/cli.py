@@ -31,7 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     the codec is not known to give; a map file with no devices) are printed as `warning:` lines.
     """
     from gateway.config import examine_config
-    from gateway.status import certificate_status
+    from gateway.status import certificate_status, likely_typos, read_status
 
     path = _config_path(args.config)
     report = examine_config(path)
@@ -57,6 +57,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         buffer_state = "damaged: `run` will move it aside"
     elif buffer_path.exists():
         buffer_state = "passes PRAGMA integrity_check"
+        for typo in likely_typos(
+            [
+                {"device": str(key), "sensor_id": m.entry.sensor_id, "where": m.where}
+                for key, m in config.devices.by_key.items()
+            ],
+            read_status(buffer_path, dead_letters=0),
+        ):
+            print(f"warning: {typo}")
     else:
         buffer_state = "not created yet"
     certificate = certificate_status(config.settings.cloud)

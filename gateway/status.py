@@ -252,6 +252,28 @@ def _near_key(heard: str, mapped: str) -> str | None:
     return _how_near(ident, other_id) if kind == other_kind else None
 
 
+def likely_typos(on_disk: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:
+    """For `check`: each device of the maps never heard whose id is one or two edits from an id
+    heard in no map, as a sentence (a typo in the map, or on the label)."""
+    rows = {d["device"]: d for d in report.get("devices", [])}
+    mapped = {m["device"] for m in on_disk}
+    strays = [key for key, row in rows.items() if key not in mapped and row.get("last_seen_ms")]
+    found = []
+    for m in on_disk:
+        if (rows.get(m["device"]) or {}).get("last_seen_ms"):
+            continue
+        kind, _, ident = m["device"].partition(":")
+        for stray in strays:
+            how = _near_key(stray, m["device"])
+            if how:
+                heard = stray.partition(":")[2]
+                found.append(
+                    f"{m['where']}: {m['sensor_id']}'s {kind} {ident} was never heard, but {kind} {heard}, "
+                    f"{how} it, was heard in no map: a typo? (hub-gateway status {heard})"
+                )
+    return found
+
+
 def _device_entry(key: str, mapped: dict[str, Any] | None, row: dict[str, Any] | None, says: str) -> dict[str, Any]:
     kind, _, ident = key.partition(":")
     row = row or {}

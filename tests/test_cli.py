@@ -15,7 +15,7 @@ import pytest
 from gateway.batching import to_record
 from gateway.buffer import Buffer, mark_damaged, now_ms
 from gateway.cli import main
-from gateway.model import DeadLetter, DecodedUplink, DeviceKey, Reading
+from gateway.model import DeadLetter, DecodedUplink, DeviceKey, Reading, Unmapped, Uplink
 from tests.support.site import directory_site
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +105,32 @@ def test_check_reports_buffer_damage_as_a_warning_and_exits_0(
         "buffer.db.corrupt-<time>, unsent readings stay in it) and start a new buffer"
     )
     assert out[-1].startswith(f"{cfg}: OK (") and out[-1].endswith("buffer damaged: `run` will move it aside)")
+
+
+def test_check_warns_of_a_mapped_id_never_heard_one_digit_from_an_id_heard_in_no_map(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A field engineer who types a DevEUI one digit wrong learns it from `check`, before the
+    reload: the map's device was never heard, and an id one edit from it was heard in no map.
+    A warning (exit 0): the map is valid, and the device may simply not have sent yet."""
+    cfg = directory_site(tmp_path)
+    (tmp_path / "devices" / "a.yaml").write_text(
+        "devices:\n  - dev_eui: 70b3d57ed0003e97\n    sensor_id: press-07-clamp\n    codec: osm-v2\n"
+        "  - dev_eui: 70b3d57ed0001234\n    sensor_id: press-03-clamp\n    codec: osm-v2\n"
+    )
+    b = Buffer(tmp_path / "buffer.db")
+    heard = DeviceKey("dev_eui", "70b3d57ed0003e91")
+    b.store([Unmapped(Uplink("chirpstack/u1", heard, b"\x01", now_ms(), now_ms()))])
+    b.heartbeat()
+    b.close()
+    assert main(["check", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    where = f"{tmp_path / 'devices' / 'a.yaml'}:2:5"
+    assert out[0] == (
+        f"warning: {where}: press-07-clamp's dev_eui 70b3d57ed0003e97 was never heard, but dev_eui "
+        "70b3d57ed0003e91, one digit from it, was heard in no map: a typo? (hub-gateway status 70b3d57ed0003e91)"
+    )
+    assert len(out) == 2 and out[1].startswith(f"{cfg}: OK (")
 
 
 def test_check_warns_about_the_damage_marker_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
