@@ -57,13 +57,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         buffer_state = "damaged: `run` will move it aside"
     elif buffer_path.exists():
         buffer_state = "passes PRAGMA integrity_check"
-        for typo in likely_typos(
-            [
-                {"device": str(key), "sensor_id": m.entry.sensor_id, "where": m.where}
-                for key, m in config.devices.by_key.items()
-            ],
-            read_status(buffer_path, dead_letters=0),
-        ):
+        try:
+            heard = read_status(buffer_path, dead_letters=0)
+        except (sqlite3.DatabaseError, OSError):
+            heard = {}  # a first-version file `run` has not migrated yet: no hints from it
+        mapped = [
+            {"device": str(key), "sensor_id": m.entry.sensor_id, "where": m.where}
+            for key, m in config.devices.by_key.items()
+        ]
+        for typo in likely_typos(mapped, heard):
             print(f"warning: {typo}")
     else:
         buffer_state = "not created yet"

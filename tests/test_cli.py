@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,24 @@ def test_check_warns_of_a_mapped_id_never_heard_one_digit_from_an_id_heard_in_no
         "70b3d57ed0003e91, one digit from it, was heard in no map: a typo? (hub-gateway status 70b3d57ed0003e91)"
     )
     assert len(out) == 2 and out[1].startswith(f"{cfg}: OK (")
+
+
+def test_check_passes_a_first_version_buffer_that_run_will_carry_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After an upgrade, `check` (systemd's ExecStartPre) meets the buffer in its first format,
+    which `run` migrates at open: no typo hints from it, no traceback, exit 0."""
+    cfg = checked_site(tmp_path)
+    db = sqlite3.connect(tmp_path / "buffer.db")
+    db.executescript(
+        "CREATE TABLE uplinks (id INTEGER PRIMARY KEY, source TEXT NOT NULL, sensor_id TEXT NOT NULL,"
+        " received_ms INTEGER NOT NULL, readings INTEGER NOT NULL, series TEXT NOT NULL);"
+        "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+    )
+    db.close()
+    assert main(["check", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].endswith("buffer passes PRAGMA integrity_check)")
 
 
 def test_check_warns_about_the_damage_marker_and_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
