@@ -101,3 +101,23 @@ def test_scaling_keeps_fifteen_significant_digits() -> None:
     out = resolve(up(frame), devices(metrics={"CNT": {"scale": 0.001}}))
     assert isinstance(out, DecodedUplink)
     assert out.readings[0].value == 1.84467440737096e16
+
+
+def test_a_reload_names_a_corrected_id_as_a_change_of_that_sensor() -> None:
+    """A field engineer who fixes a typo'd DevEUI reads one change of that sensor's id in the
+    reload's log line, not a sensor added and the same sensor removed."""
+
+    def mapped(*entries: tuple[str, str]) -> DeviceMap:
+        by_key = {}
+        for dev_eui, sensor in entries:
+            entry = _entry_model("osm-v2").model_validate({"dev_eui": dev_eui, "sensor_id": sensor, "codec": "osm-v2"})
+            by_key[entry.key] = MappedDevice(entry, "m.yaml", 1, 1)
+        return DeviceMap(by_key)
+
+    old = mapped(("70b3d57ed0003e97", "press-07-clamp"), ("70b3d57ed0001234", "press-03-clamp"))
+    new = mapped(("70b3d57ed0003e91", "press-07-clamp"), ("70b3d57ed0005678", "hall-a-air"))
+    assert new.changes_from(old) == {
+        "added": ["hall-a-air (dev_eui:70b3d57ed0005678)"],
+        "removed": ["press-03-clamp (dev_eui:70b3d57ed0001234)"],
+        "changed": ["press-07-clamp (dev_eui:70b3d57ed0003e97 -> dev_eui:70b3d57ed0003e91)"],
+    }

@@ -299,15 +299,21 @@ class DeviceMap:
 
     def changes_from(self, old: DeviceMap) -> dict[str, list[str]]:
         """What a reload from `old` to this map does, device by device: `added`, `removed` and
-        `changed` (any key of its entry), each device named `sensor_id (dev_eui:...)`."""
+        `changed` (any key of its entry), each device named `sensor_id (dev_eui:...)`. A sensor
+        whose id changed (a typo corrected) is one change, `sensor_id (old id -> new id)`."""
 
         def named(key: DeviceKey, mapped: MappedDevice) -> str:
             return f"{mapped.entry.sensor_id} ({key})"
 
+        added = {k: m for k, m in self.by_key.items() if k not in old.by_key}
+        removed = {k: m for k, m in old.by_key.items() if k not in self.by_key}
+        gone_by_sensor = {m.entry.sensor_id: k for k, m in removed.items()}
+        moved = {k: gone_by_sensor[m.entry.sensor_id] for k, m in added.items() if m.entry.sensor_id in gone_by_sensor}
         return {
-            "added": [named(k, m) for k, m in self.by_key.items() if k not in old.by_key],
-            "removed": [named(k, m) for k, m in old.by_key.items() if k not in self.by_key],
+            "added": [named(k, m) for k, m in added.items() if k not in moved],
+            "removed": [named(k, m) for k, m in removed.items() if k not in moved.values()],
             "changed": [
                 named(k, m) for k, m in self.by_key.items() if k in old.by_key and old.by_key[k].entry != m.entry
-            ],
+            ]
+            + [f"{added[k].entry.sensor_id} ({was} -> {k})" for k, was in moved.items()],
         }
