@@ -151,7 +151,7 @@ class Service:
         self.intake.on_lost = self._on_lost
         self.intake.on_died = self._wake.set
         # `hub-gateway watch`: what intake committed, streamed to whoever watches.
-        self.watch = WatchServer(socket_path(s.buffer.path), sensor_of=self._sensor_of)
+        self.watch = WatchServer(socket_path(s.buffer.path), sensor_of=self._sensor_of, device_of=self._device_of)
         self.intake.on_stored = self.watch.publish
         self.stopped = threading.Event()
         #: What `run` should exit with: 0, or EXIT_BUFFER_DAMAGED.
@@ -191,6 +191,13 @@ class Service:
         """The sensor_id the running maps give a device (for watch events that do not say)."""
         mapped = self.intake.devices.get(device)
         return mapped.entry.sensor_id if mapped is not None else None
+
+    def _device_of(self, sensor_id: str) -> DeviceKey | None:
+        """The device the running maps give a sensor_id (for watch's near-miss hint; rare)."""
+        for key, mapped in self.intake.devices.by_key.items():
+            if mapped.entry.sensor_id == sensor_id:
+                return key
+        return None
 
     @property
     def published_batches(self) -> int:

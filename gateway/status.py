@@ -150,7 +150,7 @@ def edit_distance(a: str, b: str) -> int:
     return rows[-1][-1]
 
 
-def _how_near(heard: str, mapped: str) -> str | None:
+def how_near(heard: str, mapped: str) -> str | None:
     """How an id heard differs from a mapped one, when it is a likely typo of it."""
     heard, mapped = heard.lower(), mapped.lower()
     distance = edit_distance(heard, mapped)
@@ -249,7 +249,7 @@ def _near_key(heard: str, mapped: str) -> str | None:
     """How a heard device key is a likely typo of a mapped one of the same kind (or None)."""
     kind, _, ident = heard.partition(":")
     other_kind, _, other_id = mapped.partition(":")
-    return _how_near(ident, other_id) if kind == other_kind else None
+    return how_near(ident, other_id) if kind == other_kind else None
 
 
 def likely_typos(on_disk: list[dict[str, Any]], report: dict[str, Any]) -> list[str]:

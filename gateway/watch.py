@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 
 from gateway.model import DeadLetter, DecodedUplink, DeviceKey, DeviceLog, ForeignTenant, Outcome, Unmapped
+from gateway.status import how_near
 
 log = structlog.get_logger("gateway.watch")
 
@@ -145,9 +146,15 @@ def describe(
 class _Watcher:
     """One connected watcher: its filter, its bounded queue and the thread that writes to it."""
 
-    def __init__(self, conn: socket.socket, sensor_of: Callable[[DeviceKey], str | None]) -> None:
+    def __init__(
+        self,
+        conn: socket.socket,
+        sensor_of: Callable[[DeviceKey], str | None],
+        device_of: Callable[[str], DeviceKey | None] = lambda sensor: None,
+    ) -> None:
         self.conn = conn
         self.sensor_of = sensor_of
+        self.device_of = device_of
         self.ids: frozenset[str] = frozenset()
         self._queue: deque[Happened] = deque()
         self._ready = threading.Condition()
@@ -164,7 +171,28 @@ class _Watcher:
         device, sensor = _identity(outcome)
         if device is not None and sensor is None:
             sensor = self.sensor_of(device)
-        return (sensor is not None and sensor in self.ids) or (device is not None and device.id.lower() in self.ids)
+        if (sensor is not None and sensor in self.ids) or (device is not None and device.id.lower() in self.ids):
+            return True
+        return self.near(outcome) is not None
+
+    def near(self, outcome: Outcome | DeviceLog) -> str | None:
+        """For an uplink from a device in no map whose id is one or two edits from a watched
+        device's: how (a typo in the map or on the label is why the watched device is silent)."""
+        if not isinstance(outcome, Unmapped) or not self.ids:
+            return None
+        heard = outcome.uplink.device
+        for watched in sorted(self.ids):
+            key = self.device_of(watched)
+            if key is None and normalise_id(watched) == watched and len(watched) in (8, 16):
+                key = DeviceKey(heard.kind, watched)  # an id as given, mapped or not
+            if key is None or key.kind != heard.kind:
+                continue
+            how = how_near(heard.id, key.id)
+            if how:
+                sensor = self.sensor_of(key)
+                owner = f"{sensor}'s " if sensor else ""
+                return f"{how} {owner}{key.kind} {key.id}"
+        return None
 
     def offer(self, happened: Happened) -> None:
         """Queue an event, or count it dropped when the queue is full (never waits)."""
@@ -200,6 +228,14 @@ class _Watcher:
         self.ready = True
         self.conn.sendall(encode_line({"event": "watching", "ids": ids}))
 
+    def _event(self, outcome: Outcome | DeviceLog, duplicate: bool) -> dict[str, Any]:
+        event = describe(outcome, duplicate, self.sensor_of)
+        if event["event"] == "unmapped":
+            near = self.near(outcome)
+            if near is not None:
+                event["near"] = near
+        return event
+
     def _gone(self) -> bool:
         """True when the watcher closed its end (checked while idle, without reading its data)."""
         try:
@@ -227,7 +263,7 @@ class _Watcher:
                     taken = [self._queue.popleft() for _ in range(min(SEND_AT_ONCE, len(self._queue)))]
                     dropped = 0 if self._queue else self.dropped
                     self.dropped -= dropped
-                lines = [encode_line(describe(o, duplicate, self.sensor_of)) for o, duplicate in taken]
+                lines = [encode_line(self._event(o, duplicate)) for o, duplicate in taken]
                 if dropped:
                     lines.append(encode_line({"event": "dropped", "count": dropped}))
                 self.conn.sendall(b"".join(lines))
@@ -248,9 +284,15 @@ def encode_line(event: dict[str, Any]) -> bytes:
 class WatchServer:
     """The daemon's side: the socket, the watchers, and `publish` for intake."""
 
-    def __init__(self, path: Path, sensor_of: Callable[[DeviceKey], str | None] = lambda key: None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        sensor_of: Callable[[DeviceKey], str | None] = lambda key: None,
+        device_of: Callable[[str], DeviceKey | None] = lambda sensor: None,
+    ) -> None:
         self.path = path
         self.sensor_of = sensor_of
+        self.device_of = device_of
         self._listener: socket.socket | None = None
         self._inode: int | None = None
         self._watchers: tuple[_Watcher, ...] = ()
@@ -370,7 +412,7 @@ class WatchServer:
                     )
                 conn.close()
                 continue
-            watcher = _Watcher(conn, self.sensor_of)
+            watcher = _Watcher(conn, self.sensor_of, self.device_of)
             with self._lock:
                 self._watchers += (watcher,)
             watcher.thread.start()

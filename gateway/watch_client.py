@@ -46,7 +46,8 @@ def format_event(event: dict[str, Any]) -> str:
         topic = f" topic {event['topic']}" if event.get("topic") else ""
         return f"{who}  DEAD LETTER: {event['reason']}{topic}  payload {shown or '(empty)'}{more}"
     if kind == "unmapped":
-        return f"{who}  unmapped: no device map names it (kept for replay once mapped)"
+        near = f"; {event['near']}: a typo in the map?" if event.get("near") else ""
+        return f"{who}  unmapped: no device map names it (kept for replay once mapped){near}"
     if kind == "other_tenant":
         return f"{who}  other tenant: {event.get('tenant')} (map expects {event.get('expected_tenant')}): dropped"
     if kind == "log":

@@ -131,6 +131,26 @@ def test_watch_by_sensor_id_shows_that_device_only_in_lines_for_people(daemon: D
     assert interrupt(watcher)[0] == 0
 
 
+def test_watching_a_sensor_shows_an_unmapped_id_one_digit_from_its_own(daemon: Daemon, local_broker: Mosquitto) -> None:
+    """A typo'd DevEUI in the map leaves the watched sensor silent while its uplinks arrive under
+    the real id: `watch press-03-clamp` shows those uplinks as unmapped, and says how near their
+    id is to the sensor's, so the engineer at the machine sees the typo, not just silence.
+    Devices in no map with ids far from it stay filtered out."""
+    typo = PRESS[:-1] + "5"  # the device as it really is; the map says ...1234
+    watcher = watch_command(daemon, "press-03-clamp")
+    with publishing(local_broker) as send:
+        send(topic(STRANGER), encode(uplink_event(STRANGER, press_frame(1), dedup_id="s-1"), "json"))
+        send(topic(typo), encode(uplink_event(typo, press_frame(2), dedup_id="t-1"), "json"))
+        send(topic(PRESS), encode(uplink_event(PRESS, press_frame(3), time_ms=T0, dedup_id="p-3"), "json"))
+    lines = lines_until(watcher.stdout, lambda line: "spindle_current" in line)
+    assert len(lines) == 2, lines
+    assert lines[0].endswith(
+        f"- dev_eui:{typo}  unmapped: no device map names it (kept for replay once mapped); "
+        f"one digit from press-03-clamp's dev_eui {PRESS}: a typo in the map?"
+    )
+    assert interrupt(watcher)[0] == 0
+
+
 def test_a_watcher_that_never_reads_does_not_hold_intake_and_is_told_what_it_missed(
     daemon: Daemon, local_broker: Mosquitto, reader: Subscriber
 ) -> None:
