@@ -59,6 +59,8 @@ PAYLOAD_HEX_MAX = 256
 IDLE_CHECK_S = 5.0
 #: The accept loop's timeout, a backstop only: stop() wakes it at once.
 ACCEPT_BACKSTOP_S = 60.0
+#: Unmapped ids a watcher remembers the nearness of (a flood of strangers' ids is bounded).
+NEAR_KEPT = 1000
 
 #: What intake hands over: an outcome (a dead letter where the buffer made one) and whether the
 #: buffer held it already.
@@ -155,6 +157,8 @@ class _Watcher:
         self.conn = conn
         self.sensor_of = sensor_of
         self.device_of = device_of
+        #: Unmapped ids heard -> how near a watched device's they are (None: not near).
+        self._near: dict[DeviceKey, str | None] = {}
         self.ids: frozenset[str] = frozenset()
         self._queue: deque[Happened] = deque()
         self._ready = threading.Condition()
@@ -181,6 +185,14 @@ class _Watcher:
         if not isinstance(outcome, Unmapped) or not self.ids:
             return None
         heard = outcome.uplink.device
+        if heard in self._near:  # a stranger repeats: the edit distances run once per id heard
+            return self._near[heard]
+        if len(self._near) >= NEAR_KEPT:
+            self._near.clear()
+        self._near[heard] = found = self._near_uncached(heard)
+        return found
+
+    def _near_uncached(self, heard: DeviceKey) -> str | None:
         for watched in sorted(self.ids):
             key = self.device_of(watched)
             if key is None and normalise_id(watched) == watched and len(watched) in (8, 16):
