@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import struct
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from gateway import wire  # noqa: E402
 from tests.chirpstack import encode, topic, uplink_event  # noqa: E402
 from tests.support.brokers import Mosquitto, ServerTLS, Subscriber, publishing  # noqa: E402
 from tests.support.certs import make_test_certs  # noqa: E402
+from tests.test_bridge import milli, record, u16  # noqa: E402  (the osm-v2 frame builders)
 
 GATEWAY_ID = "gw-acme-leeds-01"
 #: The devices mapped before the engineer arrives: (dev_eui, sensor_id, kind).
@@ -66,19 +66,6 @@ devices:
     codec: osm-v2
     tags: {area: hall-a}
 """
-
-
-def record(name: str, kind: int, *values: bytes) -> bytes:
-    """One osm-v2 record: 4-byte NUL-padded name, data type, typed values."""
-    return name.encode().ljust(4, b"\0") + bytes([kind]) + b"".join(values)
-
-
-def u16(v: int) -> bytes:
-    return b"\x02" + struct.pack("<H", v)
-
-
-def milli(v: float) -> bytes:
-    return b"\x15" + struct.pack("<i", round(v * 1000))
 
 
 def frame(kind: str, n: int) -> bytes:
